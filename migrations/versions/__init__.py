@@ -1,0 +1,1 @@
+"""Append-only schema revisions: a revision is never edited once it has landed."""

@@ -1,0 +1,105 @@
+"""tokenledger: token accounting for LLM agent loops.
+
+Every model call inside a run is captured, priced, traced and saved to a SQL ledger::
+
+    import tokenledger as tl
+
+    @tl.agent("researcher")
+    def research(question: str) -> str:
+        return litellm.completion(model="gpt-4o-mini", messages=[...]).choices[0]...
+
+Importing this package does not import litellm or any provider SDK.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec, TypeVar, overload
+
+from tokenledger._version import __version__
+from tokenledger.exceptions import (
+    BudgetExceeded,
+    ConfigurationError,
+    LedgerError,
+    PriceError,
+    SchemaVersionError,
+    TokenledgerError,
+    UsageError,
+)
+from tokenledger.ledger import Ledger, configure, default_ledger
+from tokenledger.records import CallRecord, RunRecord, TokenUsage
+from tokenledger.runs import Run, RunContext, bind_context, current_run
+
+__all__ = [
+    "BudgetExceeded",
+    "CallRecord",
+    "ConfigurationError",
+    "Ledger",
+    "LedgerError",
+    "PriceError",
+    "Run",
+    "RunContext",
+    "RunRecord",
+    "SchemaVersionError",
+    "TokenUsage",
+    "TokenledgerError",
+    "UsageError",
+    "__version__",
+    "agent",
+    "bind_context",
+    "configure",
+    "current_run",
+    "default_ledger",
+    "flush",
+    "run",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def run(name: str, *, tags: Mapping[str, object] | None = None, budget: Any = None) -> RunContext:
+    """Start a run on the default ledger: ``with tokenledger.run("triage") as run:``."""
+    return default_ledger().run(name, tags=tags, budget=budget)
+
+
+@overload
+def agent(name: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+@overload
+def agent(
+    name: str | None = None,
+    /,
+    *,
+    tags: Mapping[str, object] | None = None,
+    budget: Any = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+
+def agent(
+    name: Any = None,
+    /,
+    *,
+    tags: Mapping[str, object] | None = None,
+    budget: Any = None,
+) -> Any:
+    """Decorate an agent function; each call is a run on the default ledger.
+
+    The default ledger is looked up when the function is called, not when it is
+    decorated, so ``tokenledger.configure(...)`` may come after the decorator.
+    """
+    from tokenledger.ledger import _check_name
+    from tokenledger.runs import make_agent_decorator, validate_tags
+
+    if callable(name):
+        return make_agent_decorator(default_ledger, None, {}, None)(name)
+    if name is not None:
+        _check_name(name)
+    clean = validate_tags(tags, where=f"agent `{name}`")
+    return make_agent_decorator(default_ledger, name, clean, budget)
+
+
+def flush(timeout: float | None = 10.0) -> bool:
+    """Write every row the default ledger holds; True when all landed in time."""
+    return default_ledger().flush(timeout)

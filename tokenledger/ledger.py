@@ -1,0 +1,427 @@
+"""The `Ledger`: where runs and calls are priced, traced and written.
+
+A ledger is the testable unit: tests and multi-tenant programs make their own, and the
+module-level ``tokenledger.run`` / ``agent`` / ``configure`` use a process-wide default.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+
+from tokenledger import capture as _capture
+from tokenledger.exceptions import ConfigurationError
+from tokenledger.records import CallRecord, PriceRecord, RunRecord, new_id, utcnow
+from tokenledger.runs import Run, RunContext, current_run, make_agent_decorator, validate_tags
+from tokenledger.spans import Telemetry
+
+if TYPE_CHECKING:
+    import sqlalchemy
+
+    from tokenledger.capture import PendingCall
+    from tokenledger.pricing import PriceBook
+    from tokenledger.writer import BatchWriter
+
+__all__ = ["Ledger", "configure", "default_ledger"]
+
+logger = logging.getLogger("tokenledger")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Ledger:
+    """A token ledger backed by one SQL database.
+
+    Args:
+        url: SQLAlchemy URL of the ledger database. ``None`` uses
+            ``TOKENLEDGER_DATABASE_URL``, else ``tokenledger.db`` in the working directory.
+            A new database is created and migrated on first use; one at an older schema
+            revision must be upgraded with ``tokenledger db upgrade``.
+        capture: record litellm calls automatically (no change at the call site).
+        record_calls_outside_runs: also record calls made outside any run (with no run).
+        flush_interval: the longest a recorded row waits in memory before it is written.
+        price_book: where prices come from; defaults to litellm's bundled price map.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        capture: bool = True,
+        record_calls_outside_runs: bool = True,
+        flush_interval: float = 1.0,
+        price_book: PriceBook | None = None,
+    ) -> None:
+        from tokenledger import schema, storage
+        from tokenledger.writer import BatchWriter
+
+        if not isinstance(flush_interval, (int, float)) or not 0 < flush_interval <= 3600:
+            raise ConfigurationError(
+                f"`flush_interval` is {flush_interval!r}; it must be a number of seconds "
+                "greater than 0 and at most 3600."
+            )
+        self.capture = capture
+        self.record_calls_outside_runs = record_calls_outside_runs
+        self._engine: sqlalchemy.Engine = storage.create_engine_for(url)
+        schema.ensure_schema(self._engine)
+        self._writer: BatchWriter = BatchWriter(self._engine, max_delay=float(flush_interval))
+        self._telemetry = Telemetry()
+        self._price_book = price_book
+        self._known_price_ids: set[str] = set()
+        self._streams_lock = threading.Lock()
+        self._open_streams: dict[str, list[PendingCall]] = {}
+        self._closed = False
+        if capture:
+            _capture.set_capture_ledger(self)
+            _capture.install_when_imported()
+
+    # -- where the data goes ------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The database URL, with any password hidden."""
+        from tokenledger.storage import redact_url
+
+        return redact_url(self._engine.url)
+
+    @property
+    def path(self) -> str | None:
+        """The SQLite file of this ledger, or None for a server database."""
+        from tokenledger.storage import database_path
+
+        return database_path(self._engine.url)
+
+    @property
+    def engine(self) -> sqlalchemy.Engine:
+        return self._engine
+
+    @property
+    def prices(self) -> PriceBook:
+        if self._price_book is None:
+            # One book per ledger, so prices set on one ledger never leak into another;
+            # the parsed litellm map behind them is shared and loaded once per process.
+            from tokenledger.pricing import PriceBook
+
+            self._price_book = PriceBook()
+        return self._price_book
+
+    # -- marking runs -------------------------------------------------------------------
+    def run(
+        self,
+        name: str,
+        *,
+        tags: Mapping[str, object] | None = None,
+        budget: Any = None,
+    ) -> RunContext:
+        """Start a run: ``with ledger.run("triage", tags={"user": "42"}) as run:``.
+
+        Works with ``async with`` too. A run started inside another is its child and
+        inherits its tags. .. versionadded:: 0.1.0
+        """
+        _check_name(name)
+        return RunContext(self, name, validate_tags(tags, where=f"run `{name}`"), budget)
+
+    @overload
+    def agent(self, name: Callable[P, R], /) -> Callable[P, R]: ...
+
+    @overload
+    def agent(
+        self,
+        name: str | None = None,
+        /,
+        *,
+        tags: Mapping[str, object] | None = None,
+        budget: Any = None,
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+    def agent(
+        self,
+        name: Any = None,
+        /,
+        *,
+        tags: Mapping[str, object] | None = None,
+        budget: Any = None,
+    ) -> Any:
+        """Decorate an agent function so each call of it is one run.
+
+        Sync, async, generator and async-generator functions are supported; the
+        decorated function keeps its signature. ``name`` defaults to the function's
+        qualified name. .. versionadded:: 0.1.0
+        """
+        if callable(name):
+            return make_agent_decorator(lambda: self, None, {}, None)(name)
+        if name is not None:
+            _check_name(name)
+        clean = validate_tags(tags, where=f"agent `{name}`")
+        return make_agent_decorator(lambda: self, name, clean, budget)
+
+    @staticmethod
+    def current_run() -> Run | None:
+        return current_run()
+
+    # -- prices -------------------------------------------------------------------------
+    def set_price(
+        self,
+        model: str,
+        *,
+        input_per_million: Any,
+        output_per_million: Any,
+        cache_read_per_million: Any = None,
+        cache_write_per_million: Any = None,
+        reasoning_per_million: Any = None,
+        provider: str | None = None,
+    ) -> PriceRecord:
+        """Set the price of a private or fine-tuned model, in USD per million tokens.
+
+        .. versionadded:: 0.1.0
+        """
+        price = self.prices.set_price(
+            model,
+            input_per_million=input_per_million,
+            output_per_million=output_per_million,
+            cache_read_per_million=cache_read_per_million,
+            cache_write_per_million=cache_write_per_million,
+            reasoning_per_million=reasoning_per_million,
+            provider=provider,
+        )
+        self._put_price(price)
+        return price
+
+    # -- low-level recording ------------------------------------------------------------
+    def record_call(
+        self,
+        model: str,
+        *,
+        input_tokens: int = 0,
+        output_tokens: int = 0,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        provider: str | None = None,
+        operation: str = "chat",
+        latency_ms: float | None = None,
+        status: str = "ok",
+        error_type: str | None = None,
+        cost_usd: Any = None,
+        streamed: bool = False,
+    ) -> CallRecord:
+        """Record a model call tokenledger did not capture itself.
+
+        It is priced, attributed to the current run, traced and written like a captured
+        call. ``cost_usd`` records a cost the provider reported (source ``provider``).
+        Bad counts raise `UsageError`. .. versionadded:: 0.1.0
+        """
+        from tokenledger.capture import PendingCall
+        from tokenledger.usage import usage_from_response
+
+        usage = usage_from_response(
+            {
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "cache_read_input_tokens": cache_read_tokens,
+                "cache_creation_input_tokens": cache_write_tokens,
+                "reasoning_tokens": reasoning_tokens,
+                "tokenledger_shape": "canonical",
+            }
+        )
+        if status not in ("ok", "error", "abandoned", "refused"):
+            raise ConfigurationError(
+                f"`status` is {status!r}; it must be one of ok, error, abandoned, refused."
+            )
+        run = current_run()
+        call = CallRecord(
+            id=new_id(),
+            run_id=run.id if run else None,
+            root_run_id=run.root_id if run else None,
+            operation=operation,
+            provider=provider,
+            requested_model=model,
+            model=model,
+            started_at=utcnow(),
+            streamed=streamed,
+        )
+        pending = PendingCall(self, run, call)
+        pending.provider = provider
+        pending.claim()
+        pending.finish(
+            status=status,
+            usage=usage,
+            model=model,
+            error_type=error_type,
+            provider_cost={"cost": cost_usd} if cost_usd is not None else None,
+        )
+        if latency_ms is not None:
+            call.latency_ms = latency_ms
+        return call
+
+    # -- the capture pipeline (shared by litellm capture and every integration) --------
+    def _before_call(self, pending: PendingCall, kwargs: dict[str, Any]) -> None:
+        """Hook before a request leaves the process: budget reservations go here."""
+
+    def _release(self, pending: PendingCall) -> None:
+        """The request was never sent: give back anything reserved for it."""
+
+    def _complete_call(self, pending: PendingCall, *, provider_cost: Any = None) -> None:
+        call = pending.call
+        try:
+            self._price(pending, provider_cost)
+        except Exception:
+            logger.exception("tokenledger could not price call %s; cost left unknown", call.id)
+        run = pending.run
+        end_ns = time.time_ns()
+        parent_span = run.span if run is not None else None
+        call.trace_id, call.span_id = self._telemetry.call_span(
+            call, parent_span, pending.start_ns, end_ns
+        )
+        self._telemetry.record_metrics(call)
+        if run is not None:
+            run.add_call(call)
+        self._writer.put_call(call)
+
+    def _price(self, pending: PendingCall, provider_cost: Any) -> None:
+        call = pending.call
+        if provider_cost is not None and _trusts_provider_cost(pending.provider, provider_cost):
+            from tokenledger.usage import provider_cost as parse_provider_cost
+
+            reported = parse_provider_cost(provider_cost)
+            if reported is not None:
+                call.cost_usd = reported
+                call.cost_source = "provider"
+        book = self.prices
+        price = None
+        for model in (call.model, call.requested_model):
+            if model:
+                price = book.lookup(model, pending.provider)
+                if price is not None:
+                    break
+        if price is not None:
+            call.price_id = price.id
+            if price.id not in self._known_price_ids:
+                self._put_price(price)
+            if call.cost_usd is None:
+                call.cost_usd = book.cost(price, call.usage)
+                call.cost_source = "local"
+        elif call.cost_usd is None:
+            from tokenledger.pricing import warn_unpriced
+
+            warn_unpriced(call.model or call.requested_model or "<unknown>")
+
+    def _open_stream(self, pending: PendingCall) -> None:
+        run = pending.run
+        if run is None:
+            return
+        with self._streams_lock:
+            self._open_streams.setdefault(run.id, []).append(pending)
+
+    def _run_started(self, run: Run) -> None:
+        self._writer.put_run(run.snapshot())
+
+    def _run_ending(self, run: Run) -> None:
+        with self._streams_lock:
+            streams = self._open_streams.pop(run.id, None)
+        for pending in streams or ():
+            if not pending.done:
+                _capture.finish_abandoned(pending)
+
+    def _put_run(self, record: RunRecord) -> None:
+        self._writer.put_run(record)
+
+    def _put_price(self, price: PriceRecord) -> None:
+        self._known_price_ids.add(price.id)
+        self._writer.put_price(price)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Write every recorded row now; True when all landed within ``timeout``."""
+        return self._writer.flush(timeout)
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush, stop the writer and release the database connections."""
+        if self._closed:
+            return
+        self._closed = True
+        if _capture.capture_ledger() is self:
+            _capture.set_capture_ledger(None)
+        self._writer.close(timeout)
+        self._engine.dispose()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Ledger {self.url}>"
+
+
+def _trusts_provider_cost(provider: str | None, raw: Any) -> bool:
+    # Only a cost the provider itself reported: litellm also writes its own estimate to
+    # `usage.cost` on some paths, which is not the provider's bill.
+    return provider == "openrouter" or (isinstance(raw, dict) and "cost" in raw and len(raw) == 1)
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise ConfigurationError(
+            f"Run name {name!r} is invalid; a run name must be a non-empty string of at "
+            "most 200 characters."
+        )
+
+
+# -- the process-wide default ledger ---------------------------------------------------
+_default_lock = threading.Lock()
+_default: Ledger | None = None
+
+
+def default_ledger() -> Ledger:
+    """The process-wide ledger used by ``tokenledger.run`` and ``tokenledger.agent``."""
+    global _default
+    ledger = _default
+    if ledger is not None:
+        return ledger
+    with _default_lock:
+        if _default is None:
+            _default = Ledger()
+        return _default
+
+
+def configure(
+    url: str | None = None,
+    *,
+    capture: bool = True,
+    record_calls_outside_runs: bool = True,
+    flush_interval: float = 1.0,
+    otlp_endpoint: str | None = None,
+    otlp_headers: Mapping[str, str] | None = None,
+    service_name: str = "tokenledger",
+) -> Ledger:
+    """Set up the process-wide default ledger (replacing any earlier one).
+
+    ``otlp_endpoint`` is the one opt-in that installs an OpenTelemetry SDK, exporting
+    spans and metrics over OTLP/HTTP (needs ``pip install 'tokenledger[otel]'``).
+    .. versionadded:: 0.1.0
+    """
+    global _default
+    if otlp_endpoint is not None:
+        from tokenledger.spans import setup_otlp
+
+        setup_otlp(otlp_endpoint, service_name=service_name, headers=otlp_headers)
+    ledger = Ledger(
+        url,
+        capture=capture,
+        record_calls_outside_runs=record_calls_outside_runs,
+        flush_interval=flush_interval,
+    )
+    with _default_lock:
+        old, _default = _default, ledger
+    if old is not None:
+        old.close()
+        if capture:
+            _capture.set_capture_ledger(ledger)
+    return ledger

@@ -1,0 +1,733 @@
+"""Model prices as exact Decimals, from litellm's model cost map or set by the user.
+
+The source is the JSON map bundled with the installed litellm
+(``model_prices_and_context_window_backup.json``). It is found and parsed without
+importing litellm, which takes seconds, and only on the first lookup. Prices are read
+from the JSON floats with ``Decimal(repr(x))``, so ``1.5e-07`` is exactly
+``Decimal("1.5E-7")``, and every cost is computed in Decimal.
+
+Each price becomes a `PriceRecord` whose ``id`` is a hash of its content: the same
+price has the same id in every process, and a changed price gets a new id, so a stored
+cost can always be traced to the exact price it was computed with.
+
+What is priced: uncached input, cache reads, cache writes, output and reasoning tokens,
+with litellm's above-a-threshold tiers (``input_cost_per_token_above_200k_tokens``
+and the like) and its all-or-nothing ``tiered_pricing`` ranges. What is not: service
+tiers (``_priority``, ``_flex``, ``_batches`` prices), 1-hour cache writes
+(``cache_creation_input_token_cost_above_1hr``), off-peak hours, and per-image,
+per-second or per-query prices. Two of litellm's provider rules are followed: xAI's
+higher tier starts *at* its threshold, and a Fireworks model with no cache price reads
+from the cache at half its input price.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import math
+import re
+import threading
+import warnings
+from collections.abc import Mapping
+from decimal import Context, Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Final
+
+from tokenledger.exceptions import ConfigurationError, PriceError
+from tokenledger.records import PriceRecord, TokenUsage, utcnow
+
+__all__ = [
+    "LIVE_MAP_URL",
+    "PriceBook",
+    "UnpricedModelWarning",
+    "default_price_book",
+    "warn_unpriced",
+]
+
+logger = logging.getLogger("tokenledger")
+
+LIVE_MAP_URL: Final = (
+    "https://raw.githubusercontent.com/BerriAI/litellm/main/model_prices_and_context_window.json"
+)
+"""Where `PriceBook.refresh` downloads litellm's current map from (litellm's own default)."""
+
+_BUNDLED_FILE: Final = "model_prices_and_context_window_backup.json"
+_MAX_PER_MILLION: Final = Decimal(10_000)
+_NOT_AN_ENTRY: Final = frozenset({"sample_spec"})  # the map's documentation entry
+
+# Costs are computed in this context, not the thread's current one: a caller who lowered
+# `decimal.getcontext().prec` must not get rounded costs. 60 digits holds any product
+# of a count (10 digits) and a price, exactly.
+_EXACT: Final = Context(prec=60)
+
+# litellm's threshold keys: `<price>_above_<N>k_tokens` (or `_above_<N>_tokens`).
+# Keys with a suffix (`_priority`, `_batches`, ...) belong to service tiers, and
+# `cache_creation_input_token_cost_above_1hr...` to 1-hour cache writes: both skipped.
+_TIER_KEY: Final = re.compile(
+    r"(input_cost_per_token|output_cost_per_token|cache_read_input_token_cost"
+    r"|cache_creation_input_token_cost)_above_([0-9]+)(k?)_tokens"
+)
+_TIER_FIELD: Final = {
+    "input_cost_per_token": "input_per_token",
+    "output_cost_per_token": "output_per_token",
+    "cache_read_input_token_cost": "cache_read_per_token",
+    "cache_creation_input_token_cost": "cache_write_per_token",
+}
+_FIREWORKS_CACHE_READ_RATIO: Final = Decimal("0.5")
+# litellm bills these providers' higher tier once the input *reaches* the threshold.
+_INCLUSIVE_THRESHOLD_PROVIDERS: Final = frozenset({"xai"})
+
+_MISSING: Final[Any] = object()
+
+
+class UnpricedModelWarning(UserWarning):
+    """Emitted once per process for each model that has no known price.
+
+    Its calls are still recorded, with their tokens and a NULL cost.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+class PriceBook:
+    """Looks up model prices and computes the cost of a call's usage.
+
+    ``source_map`` replaces litellm's bundled map (a dict in the same format, for
+    tests or a pinned map of your own); its records are labelled ``"custom map"``.
+    Prices set with `set_price` win over the map. Thread-safe.
+
+    .. versionadded:: 0.1.0
+    """
+
+    def __init__(self, *, source_map: Mapping[str, Any] | None = None) -> None:
+        self._source: tuple[Mapping[str, Any], str] | None = (
+            None if source_map is None else (dict(source_map), "custom map")
+        )
+        self._lock = threading.Lock()
+        self._overrides: dict[str, PriceRecord] = {}
+        # (model, provider) -> price, misses included: every lookup after the first is
+        # one dict hit. Cleared when an override or a refresh changes the answers;
+        # `_generation` keeps a lookup racing that change from caching a stale answer.
+        self._found: dict[tuple[str, str | None], PriceRecord | None] = {}
+        self._generation = 0
+        self._records: dict[str, PriceRecord | None] = {}  # map key -> its price
+        self._entries: dict[tuple[str, str | None], str | None] = {}  # -> map key
+
+    # -- lookups --------------------------------------------------------------------------
+    def lookup(self, model: str, provider: str | None = None) -> PriceRecord | None:
+        """The price of ``model``, or None when neither the user nor the map has one.
+
+        ``model`` is written as litellm callers write it (``"gpt-4o-mini"``,
+        ``"openai/gpt-4o-mini"``, ``"bedrock/anthropic.claude-…"``) or as a provider
+        returns it (``"gpt-4o-mini-2024-07-18"``); ``provider`` is litellm's provider name
+        (``"openai"``, ``"anthropic"``, ``"vertex_ai"``…). Tried in order: the name as
+        given, ``provider/model``, the name without its provider prefix, and for an
+        OpenAI fine-tune ``ft:<base>:org::id`` its base ``ft:<base>``. Among the names
+        the map has, an entry of the same provider is preferred (``gemini-2.5-pro`` is
+        Vertex AI's entry, ``gemini/gemini-2.5-pro`` Google AI Studio's).
+
+        .. versionadded:: 0.1.0
+        """
+        key = (model, provider)
+        found = self._found.get(key, _MISSING)
+        if found is not _MISSING:
+            return found  # type: ignore[no-any-return]
+        generation = self._generation
+        price = self._find(model, provider)
+        with self._lock:
+            if generation == self._generation:
+                self._found[key] = price
+        return price
+
+    def cost(self, price: PriceRecord, usage: TokenUsage) -> Decimal:
+        """The exact cost in USD of ``usage`` at ``price``.
+
+        Uncached input at the input price; cache reads and writes at their own prices,
+        else the input price; reasoning tokens (part of the output) at the reasoning
+        price, else the output price; the rest of the output at the output price. When
+        the call's input tokens pass a tier's threshold, the prices of the highest tier
+        passed replace the base prices.
+
+        .. versionadded:: 0.1.0
+        """
+        return _cost(price, usage)
+
+    def max_output_tokens(self, model: str, provider: str | None = None) -> int | None:
+        """The most output tokens the model may produce in one call, if the map says.
+
+        Read from ``max_output_tokens``, else litellm's legacy ``max_tokens``.
+
+        .. versionadded:: 0.1.0
+        """
+        entry = self._entry(model, provider)
+        if entry is None:
+            return None
+        limit = _map_int(entry.get("max_output_tokens"))
+        return limit if limit is not None else _map_int(entry.get("max_tokens"))
+
+    def max_input_tokens(self, model: str, provider: str | None = None) -> int | None:
+        """The largest input (context window) the model accepts, if the map says.
+
+        Read from ``max_input_tokens`` only: litellm's legacy ``max_tokens`` means the
+        output limit for some entries and the input limit for others.
+
+        .. versionadded:: 0.1.0
+        """
+        entry = self._entry(model, provider)
+        return None if entry is None else _map_int(entry.get("max_input_tokens"))
+
+    # -- user prices ----------------------------------------------------------------------
+    def set_price(
+        self,
+        model: str,
+        *,
+        input_per_million: Any,
+        output_per_million: Any,
+        cache_read_per_million: Any = None,
+        cache_write_per_million: Any = None,
+        reasoning_per_million: Any = None,
+        provider: str | None = None,
+    ) -> PriceRecord:
+        """Set the price of a private or fine-tuned model, in USD per million tokens.
+
+        Prices are str, int, Decimal or float (a float is read through ``repr``, so
+        ``0.15`` is exactly ``0.15``); each must be finite, ≥ 0 and at most $10,000 per
+        million tokens, else `PriceError`. Cache and reasoning prices default to the
+        input and output prices. The price wins over litellm's map for ``model`` and
+        every name `lookup` resolves to it (``provider/model`` included).
+
+        .. versionadded:: 0.1.0
+        """
+        if not isinstance(model, str) or not model.strip():
+            raise PriceError(
+                f"Model name {model!r} is invalid; a price needs the model's name as litellm "
+                "callers write it, e.g. 'my-org/my-model'."
+            )
+        record = _make_record(
+            model,
+            provider,
+            input_price=_user_price(model, "input_per_million", input_per_million),
+            output_price=_user_price(model, "output_per_million", output_per_million),
+            cache_read=_optional_user_price(
+                model, "cache_read_per_million", cache_read_per_million
+            ),
+            cache_write=_optional_user_price(
+                model, "cache_write_per_million", cache_write_per_million
+            ),
+            reasoning=_optional_user_price(model, "reasoning_per_million", reasoning_per_million),
+            tiers=None,
+            source="user",
+        )
+        with self._lock:
+            self._overrides[model] = record
+            # Any cached name may resolve to this model (`provider/model`, a stripped
+            # prefix): clearing them all is simpler than knowing which, and rare.
+            self._found = {}
+            self._generation += 1
+        return record
+
+    # -- the source map -------------------------------------------------------------------
+    def refresh(self, url: str = LIVE_MAP_URL, *, timeout: float = 10.0) -> int:
+        """Replace this book's map with litellm's current one, downloaded from ``url``.
+
+        Opt-in and never called implicitly: by default prices come from the map bundled
+        with the installed litellm, with no network access. Prices set with `set_price`
+        are kept. Returns the number of entries in the new map. Raises
+        `ConnectionError` when the map cannot be downloaded (offline, timeout, HTTP
+        error), and `PriceError` when the document is not a litellm price map.
+
+        .. versionadded:: 0.1.0
+        """
+        if not url.startswith(("https://", "http://")):
+            raise ConfigurationError(
+                f"Price map URL {url!r} is not an http(s) URL; pass the address of a litellm "
+                "model_prices_and_context_window.json."
+            )
+        import urllib.request  # only here: it imports ssl and http.client
+
+        try:
+            # The scheme is checked above, so no file: or custom-scheme URL reaches urlopen.
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+                body = response.read()
+        except (OSError, ValueError) as exc:  # URLError and timeouts are OSErrors
+            raise ConnectionError(
+                f"Could not download the price map from {url} ({exc}); the price book keeps "
+                "the prices it had. Check the network, or keep the map bundled with litellm."
+            ) from exc
+        try:
+            source = json.loads(body)
+        except ValueError as exc:
+            raise PriceError(
+                f"The document at {url} is not JSON ({exc}); expected litellm's "
+                "model_prices_and_context_window.json."
+            ) from exc
+        if not isinstance(source, dict) or not any(
+            isinstance(entry, dict) and "input_cost_per_token" in entry for entry in source.values()
+        ):
+            raise PriceError(
+                f"The document at {url} has no model prices; expected litellm's "
+                "model_prices_and_context_window.json."
+            )
+        label = f"litellm live map, fetched {utcnow():%Y-%m-%d}"
+        with self._lock:
+            self._source = (source, label)
+            self._found = {}
+            self._records = {}
+            self._entries = {}
+            self._generation += 1
+        return len(source)
+
+    # -- internals ------------------------------------------------------------------------
+    def _map(self) -> tuple[Mapping[str, Any], str]:
+        source = self._source
+        if source is None:
+            source = self._source = _bundled.get()
+        return source
+
+    def _find(self, model: str, provider: str | None) -> PriceRecord | None:
+        names = _candidate_names(model, provider)
+        for name in names:
+            override = self._overrides.get(name)
+            if override is not None:
+                return override
+        source, label = self._map()  # one snapshot, should a refresh run meanwhile
+        key = _resolve(source, names, provider)
+        if key is None:
+            return None
+        records = self._records
+        record = records.get(key, _MISSING)
+        if record is _MISSING:
+            record = records[key] = _record_from_entry(key, source[key], label)
+        return record  # type: ignore[no-any-return]
+
+    def _entry(self, model: str, provider: str | None) -> Mapping[str, Any] | None:
+        source = self._map()[0]
+        cache_key = (model, provider)
+        key = self._entries.get(cache_key, _MISSING)
+        if key is _MISSING:
+            key = self._entries[cache_key] = _resolve(
+                source, _candidate_names(model, provider), provider
+            )
+        return None if key is None else source.get(key)
+
+
+def _resolve(source: Mapping[str, Any], names: list[str], provider: str | None) -> str | None:
+    """The map key for the first candidate name, preferring the caller's provider."""
+    hits = [
+        name
+        for name in names
+        if name not in _NOT_AN_ENTRY and isinstance(source.get(name), Mapping)
+    ]
+    if not hits:
+        return None
+    if provider:
+        for name in hits:
+            if _same_provider(source[name].get("litellm_provider"), provider):
+                return name
+    return hits[0]
+
+
+def _candidate_names(model: str, provider: str | None) -> list[str]:
+    names = [model]
+    if provider and not model.startswith(f"{provider}/"):
+        names.append(f"{provider}/{model}")
+    head, slash, rest = model.partition("/")
+    if slash and rest and (provider is None or head == provider):
+        names.append(rest)
+    for name in list(names):
+        # An OpenAI fine-tune, ft:gpt-4o-mini-2024-07-18:org:suffix:id, is priced as
+        # litellm's ft:gpt-4o-mini-2024-07-18 entry.
+        if name.startswith("ft:") and name.count(":") > 1:
+            names.append(name[: name.index(":", 3)])
+    return list(dict.fromkeys(names))
+
+
+def _same_provider(entry_provider: object, provider: str) -> bool:
+    # litellm's map splits some providers by family: vertex_ai-language-models,
+    # vertex_ai-anthropic_models, bedrock_converse.
+    return isinstance(entry_provider, str) and (
+        entry_provider == provider or entry_provider.startswith((f"{provider}-", f"{provider}_"))
+    )
+
+
+# -- building price records -----------------------------------------------------------------
+def _record_from_entry(model: str, entry: Mapping[str, Any], source: str) -> PriceRecord | None:
+    """A map entry as a `PriceRecord`, or None when it has no per-token price."""
+    provider = entry.get("litellm_provider")
+    provider = provider if isinstance(provider, str) else None
+    input_price = _map_price(entry.get("input_cost_per_token"))
+    output_price = _map_price(entry.get("output_cost_per_token"))
+    cache_read = _map_price(entry.get("cache_read_input_token_cost"))
+    cache_write = _map_price(entry.get("cache_creation_input_token_cost"))
+    reasoning = _map_price(entry.get("output_cost_per_reasoning_token"))
+
+    if cache_read is None and input_price is not None and provider == "fireworks_ai":
+        # litellm bills Fireworks cache reads at half the input price when the map has
+        # no cache price (litellm/llms/fireworks_ai/cache_pricing.py).
+        cache_read = _EXACT.multiply(input_price, _FIREWORKS_CACHE_READ_RATIO)
+    ranges = _range_tiers(entry, output_price)
+    if ranges:
+        # litellm prices a `tiered_pricing` model from its ranges alone (the Qwen and
+        # Doubao families have no flat price): the first range is the base price.
+        base, *rest = ranges
+        input_price, output_price = base["input_per_token"], base["output_per_token"]
+        cache_read, cache_write = base["cache_read_per_token"], base["cache_write_per_token"]
+        reasoning = base["reasoning_per_token"]
+        tiers: list[dict[str, Any]] = rest
+    else:
+        if input_price is None and output_price is None:
+            return None
+        tiers = _threshold_tiers(
+            entry,
+            provider,
+            input_price=input_price or Decimal(0),
+            output_price=output_price or Decimal(0),
+            cache_read=cache_read,
+            cache_write=cache_write,
+            reasoning=reasoning,
+        )
+    return _make_record(
+        model,
+        provider,
+        input_price=input_price or Decimal(0),
+        output_price=output_price or Decimal(0),
+        cache_read=cache_read,
+        cache_write=cache_write,
+        reasoning=reasoning,
+        tiers=tiers or None,
+        source=source,
+    )
+
+
+def _threshold_tiers(
+    entry: Mapping[str, Any],
+    provider: str | None,
+    *,
+    input_price: Decimal,
+    output_price: Decimal,
+    cache_read: Decimal | None,
+    cache_write: Decimal | None,
+    reasoning: Decimal | None,
+) -> list[dict[str, Any]]:
+    """Tiers from `<price>_above_<N>k_tokens` keys, each one complete.
+
+    As in litellm, a tier that does not name a price keeps the one below it; a cache
+    price still None means the tier's input price, and reasoning keeps its own price.
+    """
+    by_threshold: dict[int, dict[str, Decimal]] = {}
+    for key, value in entry.items():
+        match = _TIER_KEY.fullmatch(key)
+        price = _map_price(value) if match else None
+        if match is None or price is None:
+            continue
+        threshold = int(match[2]) * (1000 if match[3] else 1)
+        by_threshold.setdefault(threshold, {})[_TIER_FIELD[match[1]]] = price
+    # Above N means more than N tokens, except where litellm bills from N itself.
+    offset = 1 if provider in _INCLUSIVE_THRESHOLD_PROVIDERS else 0
+    current: dict[str, Any] = {
+        "input_per_token": input_price,
+        "output_per_token": output_price,
+        "cache_read_per_token": cache_read,
+        "cache_write_per_token": cache_write,
+        "reasoning_per_token": reasoning,
+    }
+    tiers = []
+    for threshold in sorted(by_threshold):
+        current = {**current, **by_threshold[threshold]}
+        tiers.append({"above_input_tokens": threshold - offset, **current})
+    return tiers
+
+
+def _range_tiers(entry: Mapping[str, Any], model_output: Decimal | None) -> list[dict[str, Any]]:
+    """Tiers from litellm's ``tiered_pricing`` ranges, lowest first.
+
+    One range prices the whole call (litellm: ``start < input tokens <= end``, and the
+    last range beyond its end), so a range becomes a tier above its start. Prices a
+    range does not name fall back as in litellm: output to the model's output price,
+    cache prices to the range's input price, reasoning to the range's output price.
+    """
+    ranges = entry.get("tiered_pricing")
+    if not isinstance(ranges, list):
+        return []
+    tiers: list[dict[str, Any]] = []
+    for item in ranges:
+        if not isinstance(item, Mapping):
+            continue
+        bounds = item.get("range")
+        input_price = _map_price(item.get("input_cost_per_token"))
+        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or input_price is None:
+            continue
+        start = _map_int(bounds[0])
+        if start is None:
+            continue
+        output_price = _map_price(item.get("output_cost_per_token"))
+        tiers.append(
+            {
+                "above_input_tokens": start,
+                "input_per_token": input_price,
+                "output_per_token": output_price
+                if output_price is not None
+                else model_output or Decimal(0),
+                "cache_read_per_token": _map_price(item.get("cache_read_input_token_cost")),
+                "cache_write_per_token": _map_price(item.get("cache_creation_input_token_cost")),
+                "reasoning_per_token": _map_price(item.get("output_cost_per_reasoning_token")),
+            }
+        )
+    tiers.sort(key=lambda tier: tier["above_input_tokens"])
+    return tiers
+
+
+def _make_record(
+    model: str,
+    provider: str | None,
+    *,
+    input_price: Decimal,
+    output_price: Decimal,
+    cache_read: Decimal | None,
+    cache_write: Decimal | None,
+    reasoning: Decimal | None,
+    tiers: list[dict[str, Any]] | None,
+    source: str,
+) -> PriceRecord:
+    return PriceRecord(
+        id=_price_id(
+            model, provider, (input_price, output_price, cache_read, cache_write, reasoning), tiers
+        ),
+        model=model,
+        provider=provider,
+        input_per_token=input_price,
+        output_per_token=output_price,
+        cache_read_per_token=cache_read,
+        cache_write_per_token=cache_write,
+        reasoning_per_token=reasoning,
+        tiers=tiers,
+        source=source,
+    )
+
+
+def _price_id(
+    model: str,
+    provider: str | None,
+    prices: tuple[Decimal | None, ...],
+    tiers: list[dict[str, Any]] | None,
+) -> str:
+    """First 16 hex digits of a SHA-256 over everything that determines a cost.
+
+    Prices enter as normalised plain strings, so 1.5E-7 and 0.000000150 hash alike.
+    The source is left out: the same price from litellm and from the user is one price.
+    """
+    content = {
+        "model": model,
+        "provider": provider,
+        "prices": [_canonical(p) for p in prices],
+        "tiers": [
+            {k: _canonical(v) if isinstance(v, Decimal) else v for k, v in sorted(tier.items())}
+            for tier in tiers or ()
+        ],
+    }
+    payload = json.dumps(content, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _canonical(price: Decimal | None) -> str | None:
+    return None if price is None else format(price.normalize(_EXACT), "f")
+
+
+def _map_price(value: object) -> Decimal | None:
+    """A per-token price from the map, or None when absent or not a price."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        if isinstance(value, float):
+            price = Decimal(repr(value))  # the shortest repr: 1.5e-07 -> Decimal('1.5E-7')
+        elif isinstance(value, (int, str)):
+            price = Decimal(value)  # litellm tolerates string costs written by hand
+        else:
+            return None
+    except InvalidOperation:
+        return None
+    if not price.is_finite() or price < 0:
+        logger.debug("tokenledger ignored an invalid price %r in the price map", value)
+        return None
+    return price if price else Decimal(0)
+
+
+def _map_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, float) and math.isfinite(value) and value >= 0 and value.is_integer():
+        return int(value)
+    return None
+
+
+def _user_price(model: str, argument: str, value: object) -> Decimal:
+    """A user's price per million tokens as an exact per-token Decimal."""
+    price: Decimal | None = None
+    if isinstance(value, bool):
+        price = None
+    elif isinstance(value, Decimal):
+        price = value
+    elif isinstance(value, float):
+        price = Decimal(repr(value))  # 0.15 -> Decimal('0.15'), not the binary expansion
+    elif isinstance(value, int):
+        price = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            price = Decimal(value.strip())
+        except InvalidOperation:
+            price = None
+    if price is None or not price.is_finite() or price < 0:
+        raise PriceError(
+            f"Price `{argument}` for model `{model}` is {value!r}; a price must be a "
+            "number of USD ≥ 0."
+        )
+    if price > _MAX_PER_MILLION:
+        raise PriceError(
+            f"Price `{argument}` for model `{model}` is {value!r}, more than $10,000 per "
+            "million tokens; prices are in USD per million tokens, as on pricing pages."
+        )
+    per_token = price.scaleb(-6, _EXACT)
+    return per_token if per_token else Decimal(0)
+
+
+def _optional_user_price(model: str, argument: str, value: object) -> Decimal | None:
+    return None if value is None else _user_price(model, argument, value)
+
+
+# -- cost -----------------------------------------------------------------------------------
+def _cost(price: PriceRecord, usage: TokenUsage) -> Decimal:
+    input_price = price.input_per_token
+    output_price = price.output_per_token
+    cache_read = price.cache_read_per_token
+    cache_write = price.cache_write_per_token
+    reasoning = price.reasoning_per_token
+    if price.tiers:
+        tier = _tier_for(price.tiers, usage.input_tokens)
+        if tier is not None:
+            input_price = tier["input_per_token"]
+            output_price = tier["output_per_token"]
+            cache_read = tier.get("cache_read_per_token")
+            cache_write = tier.get("cache_write_per_token")
+            reasoning = tier.get("reasoning_per_token")
+    if cache_read is None:
+        cache_read = input_price
+    if cache_write is None:
+        cache_write = input_price
+    if reasoning is None:
+        reasoning = output_price
+    reasoning_tokens = usage.reasoning_tokens
+    multiply, add = _EXACT.multiply, _EXACT.add
+    total = multiply(input_price, usage.uncached_input_tokens)
+    total = add(total, multiply(output_price, max(usage.output_tokens - reasoning_tokens, 0)))
+    # Most calls have no cache or reasoning tokens: skip those products.
+    if usage.cache_read_tokens:
+        total = add(total, multiply(cache_read, usage.cache_read_tokens))
+    if usage.cache_write_tokens:
+        total = add(total, multiply(cache_write, usage.cache_write_tokens))
+    if reasoning_tokens:
+        total = add(total, multiply(reasoning, reasoning_tokens))
+    return total
+
+
+def _tier_for(tiers: list[dict[str, Any]], input_tokens: int) -> dict[str, Any] | None:
+    """The tier with the highest threshold that ``input_tokens`` passes, if any."""
+    chosen: dict[str, Any] | None = None
+    for tier in tiers:
+        above = tier["above_input_tokens"]
+        if input_tokens > above and (chosen is None or above > chosen["above_input_tokens"]):
+            chosen = tier
+    return chosen
+
+
+# -- the bundled map --------------------------------------------------------------------------
+class _BundledMap:
+    """litellm's bundled map, parsed once per process on first use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: tuple[Mapping[str, Any], str] | None = None
+
+    def get(self) -> tuple[Mapping[str, Any], str]:
+        value = self._value
+        if value is None:
+            with self._lock:
+                value = self._value
+                if value is None:
+                    value = self._value = _load_bundled_map()
+        return value
+
+
+def _load_bundled_map() -> tuple[Mapping[str, Any], str]:
+    # find_spec locates the package without running litellm/__init__.py (~3 s).
+    spec = importlib.util.find_spec("litellm")
+    locations = list(spec.submodule_search_locations or ()) if spec is not None else []
+    if not locations:
+        logger.warning("tokenledger found no litellm installation; every model is unpriced")
+        return {}, "litellm (not installed)"
+    path = Path(locations[0]) / _BUNDLED_FILE
+    try:
+        source = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        logger.warning("tokenledger could not read litellm's price map %s", path, exc_info=True)
+        return {}, "litellm (no price map)"
+    try:
+        version = importlib.metadata.version("litellm")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return (source if isinstance(source, dict) else {}), f"litellm {version}"
+
+
+_bundled = _BundledMap()
+
+
+# -- unpriced models ------------------------------------------------------------------------
+_warned_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def warn_unpriced(model: str) -> None:
+    """Warn, once per process for each model name, that ``model`` has no price.
+
+    Emits an `UnpricedModelWarning` and logs the same message at WARNING on the
+    ``tokenledger`` logger. The once-only rule is kept here, not in the warnings
+    registry, so it holds whatever warning filters the application sets.
+
+    .. versionadded:: 0.1.0
+    """
+    if model in _warned:
+        return
+    with _warned_lock:
+        if model in _warned:
+            return
+        _warned.add(model)
+    message = (
+        f"No price is known for model `{model}`; its calls are recorded with NULL cost. "
+        f"Set one with `ledger.set_price({model!r}, input_per_million=..., "
+        "output_per_million=...)`."
+    )
+    logger.warning("%s", message)
+    warnings.warn(message, UnpricedModelWarning, stacklevel=2)
+
+
+# -- the process-wide book ------------------------------------------------------------------
+_default_lock = threading.Lock()
+_default_book: list[PriceBook] = []
+
+
+def default_price_book() -> PriceBook:
+    """The process-wide `PriceBook` on litellm's bundled map, made on first use.
+
+    .. versionadded:: 0.1.0
+    """
+    if not _default_book:
+        with _default_lock:
+            if not _default_book:
+                _default_book.append(PriceBook())
+    return _default_book[0]

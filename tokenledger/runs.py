@@ -1,0 +1,452 @@
+"""Runs: one execution of an agent, marked by a decorator or a ``with`` block.
+
+The current run is held in a ``ContextVar``, so it follows asyncio tasks automatically
+and is restored in ``finally`` blocks. Worker threads do not inherit context variables;
+wrap the function you hand to a thread with `bind_context`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import inspect
+import threading
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Mapping
+from decimal import Decimal
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from tokenledger.exceptions import BudgetExceeded, ConfigurationError
+from tokenledger.records import CallRecord, RunRecord, new_id, utcnow
+
+if TYPE_CHECKING:
+    from tokenledger.ledger import Ledger
+
+__all__ = ["Run", "RunContext", "bind_context", "current_run"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
+    "tokenledger_current_run", default=None
+)
+
+MAX_TAG_KEY_LENGTH = 128
+MAX_TAG_VALUE_LENGTH = 1024
+
+
+def current_run() -> Run | None:
+    """The run the calling code is inside, or None."""
+    return _current_run.get()
+
+
+def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """Return ``fn`` bound to the caller's current run (and OpenTelemetry context).
+
+    Threads do not inherit context variables, so a model call made in a worker thread
+    would otherwise be recorded outside the run::
+
+        with tokenledger.run("fan-out"):
+            pool.submit(tokenledger.bind_context(summarise), doc)
+    """
+    ctx = contextvars.copy_context()
+
+    @functools.wraps(fn)
+    def bound(*args: P.args, **kwargs: P.kwargs) -> R:
+        # A Context cannot be entered twice at once; copy it per call so the bound
+        # function can run in several threads concurrently.
+        return ctx.copy().run(fn, *args, **kwargs)
+
+    return bound
+
+
+def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str, str]:
+    """Check tag keys and values; values are stored as strings."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise ConfigurationError(
+            f"`tags` of {where} is {tags!r}; tags must be a mapping of str to str."
+        )
+    clean: dict[str, str] = {}
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key or len(key) > MAX_TAG_KEY_LENGTH:
+            raise ConfigurationError(
+                f"Tag key {key!r} of {where} is invalid; a tag key must be a non-empty "
+                f"string of at most {MAX_TAG_KEY_LENGTH} characters."
+            )
+        if value is None or isinstance(value, (dict, list, tuple, set)):
+            raise ConfigurationError(
+                f"Tag `{key}` of {where} is {value!r}; a tag value must be a string or number."
+            )
+        text = str(value)
+        if len(text) > MAX_TAG_VALUE_LENGTH:
+            raise ConfigurationError(
+                f"Tag `{key}` of {where} is {len(text)} characters long; a tag value may "
+                f"have at most {MAX_TAG_VALUE_LENGTH}."
+            )
+        clean[key] = text
+    return clean
+
+
+class Run:
+    """One execution of an agent: its identity, tags, and running totals.
+
+    Totals (``calls``, tokens, ``cost_usd``) include the calls of every descendant run.
+    Each call belongs to exactly one run, the innermost one it was made in, and is added
+    once to that run and once to each ancestor.
+    """
+
+    __slots__ = (
+        "_ended",
+        "_lock",
+        "_otel_token",
+        "_span",
+        "_token",
+        "budget",
+        "ledger",
+        "parent",
+        "record",
+        "root",
+    )
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        name: str,
+        *,
+        tags: dict[str, str],
+        parent: Run | None,
+        budget: Any = None,
+    ) -> None:
+        self.ledger = ledger
+        self.parent = parent
+        self.root: Run = parent.root if parent is not None else self
+        run_id = new_id()
+        merged = {**parent.record.tags, **tags} if parent is not None else tags
+        self.record = RunRecord(
+            id=run_id,
+            name=name,
+            parent_id=parent.id if parent is not None else None,
+            root_id=self.root.id if parent is not None else run_id,
+            tags=merged,
+            started_at=utcnow(),
+        )
+        self.budget = budget
+        # One lock per run tree: calls from many threads update a run and its ancestors.
+        self._lock: threading.Lock = parent._lock if parent is not None else threading.Lock()
+        self._span: trace.Span | None = None
+        self._token: contextvars.Token[Run | None] | None = None
+        self._otel_token: object | None = None
+        self._ended = False
+
+    # -- identity -----------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return dict(self.record.tags)
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.record.parent_id
+
+    @property
+    def root_id(self) -> str:
+        return self.record.root_id
+
+    @property
+    def status(self) -> str:
+        return self.record.status
+
+    @property
+    def span(self) -> trace.Span | None:
+        return self._span
+
+    # -- totals -------------------------------------------------------------------------
+    @property
+    def calls(self) -> int:
+        return self.record.calls
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return self.record.cost_usd
+
+    @property
+    def input_tokens(self) -> int:
+        return self.record.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self.record.output_tokens
+
+    def add_call(self, call: CallRecord) -> None:
+        """Add a finished call to this run and every ancestor."""
+        rewrite: list[RunRecord] = []
+        with self._lock:
+            run: Run | None = self
+            while run is not None:
+                rec = run.record
+                rec.calls += 1
+                if call.status != "ok":
+                    rec.failed_calls += 1
+                rec.input_tokens += call.input_tokens
+                rec.output_tokens += call.output_tokens
+                rec.cache_read_tokens += call.cache_read_tokens
+                rec.cache_write_tokens += call.cache_write_tokens
+                rec.reasoning_tokens += call.reasoning_tokens
+                if call.cost_usd is not None:
+                    rec.cost_usd += call.cost_usd
+                elif call.status == "ok" or call.input_tokens or call.output_tokens:
+                    rec.unpriced_calls += 1
+                if run._ended:
+                    # A late call (a stream finished after its run) updates a run that
+                    # was already written: write it again so the ledger stays right.
+                    rewrite.append(run.snapshot())
+                run = run.parent
+        for snapshot in rewrite:
+            self.ledger._put_run(snapshot)
+
+    def snapshot(self) -> RunRecord:
+        rec = self.record
+        return RunRecord(**{**rec.as_row(), "tags": dict(rec.tags)})
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def _start(self) -> None:
+        parent_span = self.parent._span if self.parent is not None else None
+        span = self.ledger._telemetry.start_run_span(
+            self.name, self.id, self.record.tags, parent_span
+        )
+        self._span = span
+        self.record.trace_id, self.record.span_id = _ids(span)
+        self._token = _current_run.set(self)
+        self._otel_token = otel_context.attach(trace.set_span_in_context(span))
+        self.ledger._run_started(self)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        rec = self.record
+        if isinstance(exc, BudgetExceeded):
+            rec.status = "budget_exceeded"
+            rec.error_type = type(exc).__name__
+        elif exc is not None and not isinstance(exc, (GeneratorExit, StopIteration)):
+            rec.status = "error"
+            rec.error_type = type(exc).__qualname__
+        elif rec.status == "running":
+            rec.status = "ok"
+        try:
+            self.ledger._run_ending(self)
+        finally:
+            rec.ended_at = utcnow()
+            with self._lock:
+                self._ended = True
+                snapshot = self.snapshot()
+            if self._otel_token is not None:
+                otel_context.detach(cast(Any, self._otel_token))
+                self._otel_token = None
+            if self._token is not None:
+                # Exited in another context (an async generator closed by the loop): the
+                # var was never set there, so there is nothing to restore.
+                with contextlib.suppress(ValueError):
+                    _current_run.reset(self._token)
+                self._token = None
+            if self._span is not None:
+                self.ledger._telemetry.end_run_span(self._span, snapshot)
+            self.ledger._put_run(snapshot)
+
+    def mark_budget_exceeded(self) -> None:
+        self.record.status = "budget_exceeded"
+
+    def __repr__(self) -> str:
+        return (
+            f"<Run {self.name!r} id={self.id} status={self.status} calls={self.calls} "
+            f"cost_usd={self.cost_usd}>"
+        )
+
+
+def _ids(span: trace.Span) -> tuple[str | None, str | None]:
+    from tokenledger.spans import ids_of
+
+    return ids_of(span)
+
+
+class RunContext:
+    """``with ledger.run(...) as run`` / ``async with``: enters a new child run."""
+
+    __slots__ = ("_budget", "_ledger", "_name", "_run", "_tags")
+
+    def __init__(self, ledger: Ledger, name: str, tags: dict[str, str], budget: Any = None) -> None:
+        self._ledger = ledger
+        self._name = name
+        self._tags = tags
+        self._budget = budget
+        self._run: Run | None = None
+
+    def __enter__(self) -> Run:
+        run = Run(
+            self._ledger,
+            self._name,
+            tags=self._tags,
+            parent=_current_run.get(),
+            budget=self._budget,
+        )
+        run._start()
+        self._run = run
+        return run
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        run, self._run = self._run, None
+        if run is not None:
+            run._finish(exc)
+
+    async def __aenter__(self) -> Run:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+
+def make_agent_decorator(
+    ledger_getter: Callable[[], Ledger],
+    name: str | None,
+    tags: dict[str, str],
+    budget: Any,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Build the ``@agent(...)`` decorator for sync, async, generator and async-generator
+    functions. The wrapped function keeps its name, docstring and signature."""
+
+    def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+        run_name = name or fn.__qualname__
+
+        def new_context() -> RunContext:
+            return RunContext(ledger_getter(), run_name, tags, budget)
+
+        if inspect.isasyncgenfunction(fn):
+            agen_fn = cast(Callable[P, AsyncGenerator[Any, Any]], fn)
+
+            @functools.wraps(fn)
+            async def agen_wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[Any, Any]:
+                ctx = new_context()
+                run = ctx.__enter__()
+                gen = agen_fn(*args, **kwargs)
+                _current_run.reset(cast(Any, run._token))
+                run._token = None
+                otel_context.detach(cast(Any, run._otel_token))
+                run._otel_token = None
+                exc: BaseException | None = None
+                try:
+                    sent: Any = None
+                    while True:
+                        token = _current_run.set(run)
+                        try:
+                            item = await gen.asend(sent)
+                        except StopAsyncIteration:
+                            return
+                        finally:
+                            _current_run.reset(token)
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            await gen.aclose()
+                            raise
+                        except BaseException as thrown:
+                            token = _current_run.set(run)
+                            try:
+                                item = await gen.athrow(thrown)
+                            finally:
+                                _current_run.reset(token)
+                            sent = yield item
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    run._finish(exc)
+
+            return cast(Callable[P, R], agen_wrapper)
+
+        if inspect.isgeneratorfunction(fn):
+            gen_fn = cast(Callable[P, Generator[Any, Any, Any]], fn)
+
+            @functools.wraps(fn)
+            def gen_wrapper(*args: P.args, **kwargs: P.kwargs) -> Generator[Any, Any, Any]:
+                ctx = new_context()
+                run = ctx.__enter__()
+                # The run is current only while the generator body executes, never in
+                # the caller between two yields.
+                _current_run.reset(cast(Any, run._token))
+                run._token = None
+                otel_context.detach(cast(Any, run._otel_token))
+                run._otel_token = None
+                gen = gen_fn(*args, **kwargs)
+                exc: BaseException | None = None
+                try:
+                    token = _current_run.set(run)
+                    try:
+                        item = next(gen)
+                    finally:
+                        _current_run.reset(token)
+                    while True:
+                        try:
+                            sent = yield item
+                        except GeneratorExit:
+                            gen.close()
+                            raise
+                        except BaseException as thrown:
+                            token = _current_run.set(run)
+                            try:
+                                item = gen.throw(thrown)
+                            finally:
+                                _current_run.reset(token)
+                            continue
+                        token = _current_run.set(run)
+                        try:
+                            item = gen.send(sent)
+                        finally:
+                            _current_run.reset(token)
+                except StopIteration as stop:
+                    return stop.value
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    run._finish(exc)
+
+            return cast(Callable[P, R], gen_wrapper)
+
+        if inspect.iscoroutinefunction(fn):
+            coro_fn = cast(Callable[P, Awaitable[Any]], fn)
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                with new_context():
+                    return await coro_fn(*args, **kwargs)
+
+            return cast(Callable[P, R], async_wrapper)
+
+        @functools.wraps(fn)
+        def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with new_context():
+                return fn(*args, **kwargs)
+
+        return sync_wrapper
+
+    return decorate

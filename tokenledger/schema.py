@@ -1,0 +1,219 @@
+"""Creating and upgrading the ledger's schema from code.
+
+The Alembic scripts ship inside the package (``tokenledger.migrations``) and the Alembic
+configuration is built here, so this works from a wheel with no ``alembic.ini``.
+A ledger opens with `ensure_schema`: it creates a new database and refuses, with the
+command that fixes it, a database at any other revision than this code's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from importlib.resources import as_file, files
+from typing import TYPE_CHECKING
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from tokenledger.exceptions import LedgerError, SchemaVersionError
+from tokenledger.storage import redact_url
+
+if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
+
+__all__ = [
+    "LEDGER_TABLES",
+    "MIGRATION_LOCK_ID",
+    "VERSION_TABLE",
+    "current_revision",
+    "downgrade",
+    "ensure_schema",
+    "head_revision",
+    "stamp",
+    "upgrade",
+]
+
+# Not Alembic's default "alembic_version": a user's own migrations in the same database
+# keep theirs untouched.
+VERSION_TABLE = "tokenledger_alembic_version"
+
+# The PostgreSQL advisory lock that serialises concurrent upgrades. Any fixed 64-bit key
+# works as long as every tokenledger version uses the same one: it is b"tokenldg".
+MIGRATION_LOCK_ID = 0x746F6B656E6C6467
+
+LEDGER_TABLES = ("calls", "prices", "runs")
+
+
+def _migrations_location() -> Traversable:
+    # files() finds the scripts wherever the package is: a wheel install, an editable
+    # install (package-dir maps tokenledger.migrations to ./migrations) or a checkout.
+    # A function, so a test can point it at a copy with an extra revision.
+    return files("tokenledger.migrations")
+
+
+@contextlib.contextmanager
+def _alembic_config(connection: sa.Connection | None = None) -> Iterator[Config]:
+    with as_file(_migrations_location()) as location:
+        config = Config()
+        # ConfigParser interpolates '%': escape it in the path.
+        config.set_main_option("script_location", str(location).replace("%", "%%"))
+        config.set_main_option("path_separator", "os")
+        if connection is not None:
+            config.attributes["connection"] = connection
+        yield config
+
+
+def _known_revisions(config: Config) -> list[str]:
+    return [script.revision for script in ScriptDirectory.from_config(config).walk_revisions()]
+
+
+def head_revision() -> str:
+    """The schema revision this tokenledger writes (the newest migration's id).
+
+    .. versionadded:: 0.1.0
+    """
+    with _alembic_config() as config:
+        head = ScriptDirectory.from_config(config).get_current_head()
+    assert head is not None, "tokenledger.migrations has no revisions"
+    return head
+
+
+def _driver_reason(engine: sa.Engine, exc: BaseException) -> str:
+    reason = str(getattr(exc, "orig", None) or exc).strip()
+    password = engine.url.password
+    if password:
+        reason = reason.replace(str(password), "***")
+    return reason
+
+
+def _read_revision(connection: sa.Connection) -> str | None:
+    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+    return context.get_current_revision()
+
+
+def current_revision(engine: sa.Engine) -> str | None:
+    """The ledger's schema revision; None for a database tokenledger has not created.
+
+    Raises:
+        LedgerError: the database cannot be reached.
+
+    .. versionadded:: 0.1.0
+    """
+    try:
+        with engine.connect() as connection:
+            return _read_revision(connection)
+    except sa.exc.DBAPIError as exc:
+        raise LedgerError(
+            f"Cannot open the ledger at {redact_url(engine.url)}: {_driver_reason(engine, exc)}"
+        ) from exc
+
+
+def _newer_error(engine: sa.Engine, revision: str, head: str) -> SchemaVersionError:
+    return SchemaVersionError(
+        f"The ledger at {redact_url(engine.url)} is at schema revision {revision!r}, "
+        f"which this tokenledger (newest revision {head!r}) does not know: it was written "
+        "by a newer tokenledger. Upgrade the package (pip install -U tokenledger) on "
+        "this host."
+    )
+
+
+def _migrate(engine: sa.Engine, action: str, revision: str) -> None:
+    current = current_revision(engine)
+    with _alembic_config() as config:
+        known = _known_revisions(config)
+    if current is not None and current not in known:
+        raise _newer_error(engine, current, known[0])
+    try:
+        with engine.begin() as connection, _alembic_config(connection) as config:
+            getattr(command, action)(config, revision)
+    except sa.exc.DBAPIError as exc:
+        raise LedgerError(
+            f"Could not {action} the ledger at {redact_url(engine.url)} to {revision!r}: "
+            f"{_driver_reason(engine, exc)}"
+        ) from exc
+
+
+def upgrade(engine: sa.Engine, revision: str = "head") -> None:
+    """Migrate the ledger up to ``revision``; safe to run from several processes at once.
+
+    .. versionadded:: 0.1.0
+    """
+    _migrate(engine, "upgrade", revision)
+
+
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    """Migrate the ledger down to ``revision`` (``"base"`` drops every ledger table).
+
+    .. versionadded:: 0.1.0
+    """
+    _migrate(engine, "downgrade", revision)
+
+
+def stamp(engine: sa.Engine, revision: str) -> None:
+    """Record ``revision`` as the ledger's revision without running any migration.
+
+    For a ledger whose tables exist but whose revision row was lost.
+
+    .. versionadded:: 0.1.0
+    """
+    _migrate(engine, "stamp", revision)
+
+
+def ensure_schema(engine: sa.Engine) -> None:
+    """Make sure the ledger is at this code's schema revision before it is used.
+
+    An empty database is migrated to head (a new ledger needs no setup step). A ledger
+    at head is left alone. Anything else raises rather than guess:
+
+    Raises:
+        SchemaVersionError: the ledger is at an older revision (the message gives the
+            ``tokenledger db upgrade`` command), at a revision this code does not know
+            (written by a newer tokenledger), or the database has tables named like
+            the ledger's but no tokenledger revision.
+        LedgerError: the database cannot be reached; the message has the URL (password
+            hidden) and the driver's reason.
+
+    .. versionadded:: 0.1.0
+    """
+    url = redact_url(engine.url)
+    try:
+        with engine.connect() as connection:
+            tables = set(sa.inspect(connection).get_table_names())
+            revision = _read_revision(connection) if VERSION_TABLE in tables else None
+    except sa.exc.DBAPIError as exc:
+        raise LedgerError(
+            f"Cannot open the ledger at {url}: {_driver_reason(engine, exc)}"
+        ) from exc
+
+    with _alembic_config() as config:
+        known = _known_revisions(config)  # newest first
+    head = known[0]
+    if revision == head:
+        return
+    if revision is None:
+        found = sorted(tables.intersection(LEDGER_TABLES))
+        if found:
+            raise SchemaVersionError(
+                f"The database at {url} has table(s) {', '.join(found)} but no tokenledger "
+                f"schema revision (table {VERSION_TABLE} is missing or empty), so tokenledger "
+                "will not write to it. Point tokenledger at a database (or, on PostgreSQL, "
+                "a schema: `?options=-csearch_path%3Dtokenledger`) of its own; if tokenledger "
+                "created these tables and only the revision was lost, record it with "
+                f"`tokenledger db stamp {head} --db {url}`."
+            )
+        upgrade(engine)
+        return
+    if revision not in known:
+        raise _newer_error(engine, revision, head)
+    raise SchemaVersionError(
+        f"The ledger at {url} is at schema revision {revision}; this tokenledger needs "
+        f"{head}. Run `tokenledger db upgrade --db {url}`."
+    )

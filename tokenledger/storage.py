@@ -1,0 +1,726 @@
+"""The ledger's tables and the engines that reach them.
+
+SQLAlchemy Core, not the ORM: the batch writer inserts thousands of rows at a time with
+``executemany`` and the query side builds aggregates, neither of which wants identity maps.
+
+The tables mirror the dataclasses in `tokenledger.records` field for field. Their shape
+on disk is owned by the Alembic revisions in ``tokenledger.migrations``; the metadata
+here is what the code reads and writes with, and a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import importlib.util
+import os
+import re
+import sqlite3
+import time
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from tokenledger.exceptions import ConfigurationError, LedgerError
+
+__all__ = [
+    "DATABASE_URL_ENV",
+    "DEFAULT_SQLITE_FILENAME",
+    "JSONDocument",
+    "Money",
+    "UTCDateTime",
+    "calls",
+    "create_engine_for",
+    "database_path",
+    "default_url",
+    "metadata",
+    "normalize_url",
+    "prices",
+    "redact_url",
+    "runs",
+]
+
+DATABASE_URL_ENV = "TOKENLEDGER_DATABASE_URL"
+DEFAULT_SQLITE_FILENAME = "tokenledger.db"
+
+_ACCEPTED_URLS = (
+    "tokenledger accepts `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`, "
+    "and `postgresql://user:password@host:5432/dbname` (also written `postgres://` or "
+    "`postgresql+psycopg://`)."
+)
+
+# Applied on every new SQLite connection, after journal_mode=WAL (see _set_sqlite_pragmas).
+_SQLITE_BUSY_TIMEOUT_S = 30
+_SQLITE_PRAGMAS = (
+    "PRAGMA synchronous=NORMAL",  # durable across process crashes; WAL makes it safe
+    "PRAGMA foreign_keys=ON",
+)
+
+# Enough headroom for quantize() at scale 18 with 12 integer digits.
+_DECIMAL_CONTEXT = decimal.Context(prec=48)
+_UTC = dt.timezone.utc
+
+
+class Money(TypeDecorator[Decimal]):
+    """An exact amount of US dollars: `~decimal.Decimal` in, `~decimal.Decimal` out.
+
+    ``Money(24, 12)`` holds a cost (up to $999,999,999,999.999999999999);
+    ``Money(30, 18)`` holds a price per token.
+
+    On PostgreSQL the column is ``NUMERIC(precision, scale)`` and values travel as
+    `Decimal` end to end: exact, never a float.
+
+    SQLite has no exact decimal type: a ``NUMERIC`` column stores a number as an
+    8-byte float, so an amount keeps about **15 significant digits** (``0.000285`` and
+    ``1234.123456789012`` come back exactly; a sum of a million costs may be off in the
+    16th digit). Values are bound as floats, so every amount is stored as a number and
+    ``SUM``, ``ORDER BY`` and comparisons work; results come back as
+    ``Decimal(repr(value))`` rounded to the column's scale. Use PostgreSQL where
+    amounts need more digits than that.
+
+    Non-finite amounts (NaN, infinity) are refused on both engines.
+
+    .. versionadded:: 0.1.0
+    """
+
+    impl = sa.Numeric
+    cache_ok = True
+
+    def __init__(self, precision: int = 24, scale: int = 12) -> None:
+        super().__init__(precision=precision, scale=scale, asdecimal=True)
+        self.money_precision = precision
+        self.money_scale = scale
+        self._quantum = Decimal(1).scaleb(-scale)
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            # asdecimal=False: the driver gives us its float and we convert it ourselves,
+            # instead of SQLAlchemy's generic float-to-Decimal path (and its warning).
+            return dialect.type_descriptor(
+                sa.Numeric(self.money_precision, self.money_scale, asdecimal=False)
+            )
+        return dialect.type_descriptor(sa.Numeric(self.money_precision, self.money_scale))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, float) or not isinstance(value, (Decimal, int, str)):
+            raise TypeError(
+                f"A money amount must be a Decimal (or int or str), not {type(value).__name__} "
+                f"{value!r}; floats lose cents."
+            )
+        amount = value if isinstance(value, Decimal) else Decimal(value)
+        if not amount.is_finite():
+            raise ValueError(f"A money amount must be finite, not {amount!r}.")
+        if dialect.name == "sqlite":
+            return float(amount)
+        return amount
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Decimal | None:
+        if value is None:
+            return None
+        if isinstance(value, Decimal):
+            return value
+        # repr() is the shortest string that round-trips the float: 0.000285, not
+        # 0.00028499999999999999.
+        amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        return amount.quantize(self._quantum, context=_DECIMAL_CONTEXT)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A timezone-aware UTC `~datetime.datetime` in and out, on every engine.
+
+    PostgreSQL stores ``TIMESTAMP WITH TIME ZONE``; values come back converted to UTC
+    whatever the session's time zone. SQLite has no time zone support: values are
+    stored as UTC text (which sorts and compares correctly) and get UTC back on the way
+    out. Naive datetimes are refused rather than guessed at.
+
+    .. versionadded:: 0.1.0
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"Expected a datetime, got {type(value).__name__} {value!r}.")
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(
+                f"Datetime {value.isoformat()} has no time zone; tokenledger stores "
+                "timezone-aware datetimes only (use datetime.now(timezone.utc))."
+            )
+        aware: dt.datetime = value.astimezone(_UTC)
+        if dialect.name == "sqlite":
+            return aware.replace(tzinfo=None)
+        return aware
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=_UTC)  # type: ignore[no-any-return]
+        return value.astimezone(_UTC)  # type: ignore[no-any-return]
+
+
+def _json_type() -> TypeEngine[Any]:
+    # JSONB on PostgreSQL: it has equality (GROUP BY tags works) and can be indexed.
+    # none_as_null: Python None is SQL NULL, not the JSON literal 'null'.
+    return sa.JSON(none_as_null=True).with_variant(
+        postgresql.JSONB(none_as_null=True), "postgresql"
+    )
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value, "f")  # positional notation: "0.0000003", not "3E-7"
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+class JSONDocument(TypeDecorator[Any]):
+    """JSON (JSONB on PostgreSQL) that stores `~decimal.Decimal` values as exact strings.
+
+    JSON numbers are floats to most readers, so a price inside a document is written
+    as ``"0.0000025"``; the reader converts it back with ``Decimal(text)``.
+
+    .. versionadded:: 0.1.0
+    """
+
+    impl = sa.JSON
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.JSONB(none_as_null=True))
+        return dialect.type_descriptor(sa.JSON(none_as_null=True))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return None if value is None else _json_safe(value)
+
+
+def _id(
+    name: str, comment: str, *, primary_key: bool = False, nullable: bool = True
+) -> sa.Column[str]:
+    """A 32-character row id column (client-generated, so no sequence and no round trip)."""
+    return sa.Column(
+        name,
+        sa.String(32),
+        primary_key=primary_key,
+        nullable=nullable and not primary_key,
+        comment=comment,
+    )
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_TOKEN_COUNT = sa.BigInteger  # a root run's totals can pass 2**31 tokens
+
+prices = sa.Table(
+    "prices",
+    metadata,
+    _id(
+        "id",
+        "Content hash of everything that determines a cost: one row per price version.",
+        primary_key=True,
+    ),
+    sa.Column("model", sa.String, nullable=False, comment="Model name the price applies to."),
+    sa.Column(
+        "provider",
+        sa.String,
+        nullable=True,
+        comment="Provider the price applies to (openai, anthropic, ...); NULL for any.",
+    ),
+    sa.Column(
+        "input_per_token",
+        Money(30, 18),
+        nullable=False,
+        comment="USD per uncached input token.",
+    ),
+    sa.Column(
+        "output_per_token",
+        Money(30, 18),
+        nullable=False,
+        comment="USD per output token (reasoning included unless priced separately).",
+    ),
+    sa.Column(
+        "cache_read_per_token",
+        Money(30, 18),
+        nullable=True,
+        comment="USD per input token read from the prompt cache; NULL: the input price.",
+    ),
+    sa.Column(
+        "cache_write_per_token",
+        Money(30, 18),
+        nullable=True,
+        comment="USD per input token written to the prompt cache; NULL: the input price.",
+    ),
+    sa.Column(
+        "reasoning_per_token",
+        Money(30, 18),
+        nullable=True,
+        comment="USD per reasoning token when priced apart from output; NULL: output price.",
+    ),
+    sa.Column(
+        "tiers",
+        JSONDocument(),
+        nullable=True,
+        comment="Prices that apply above an input-token threshold, amounts as decimal strings.",
+    ),
+    sa.Column(
+        "source",
+        sa.String,
+        nullable=False,
+        comment="Where the price came from: 'litellm <version>' or 'user'.",
+    ),
+    sa.Column(
+        "created_at",
+        UTCDateTime(),
+        nullable=False,
+        comment="When this price version was first recorded (UTC).",
+    ),
+    comment="Every price version used to cost a call, so old costs stay reproducible.",
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    _id("id", "Client-generated run id (32 hex digits).", primary_key=True),
+    sa.Column("name", sa.String, nullable=False, comment="Agent name: what cost is grouped by."),
+    _id("parent_id", "The run this one was started inside; NULL for a root run."),
+    _id("root_id", "The outermost run of the tree; equals id for a root run.", nullable=False),
+    sa.Column(
+        "tags",
+        _json_type(),
+        nullable=False,
+        comment="User tags (user, tenant, ...) as a JSON object of strings, for attribution.",
+    ),
+    sa.Column("started_at", UTCDateTime(), nullable=False, comment="When the run began (UTC)."),
+    sa.Column(
+        "ended_at",
+        UTCDateTime(),
+        nullable=True,
+        comment="When the run ended (UTC); NULL while it is running.",
+    ),
+    sa.Column(
+        "status",
+        sa.String,
+        nullable=False,
+        comment="running, ok, error or budget_exceeded: filters successful runs.",
+    ),
+    sa.Column(
+        "error_type",
+        sa.String,
+        nullable=True,
+        comment="Exception class that ended the run, when it failed.",
+    ),
+    sa.Column(
+        "calls",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Model calls in this run and its descendants.",
+    ),
+    sa.Column(
+        "failed_calls",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Of those, calls that failed: retries cost money too.",
+    ),
+    sa.Column(
+        "input_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Input tokens of all calls below, cached ones included.",
+    ),
+    sa.Column(
+        "output_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Output tokens of all calls below, reasoning included.",
+    ),
+    sa.Column(
+        "cache_read_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Input tokens served from the prompt cache (cheaper).",
+    ),
+    sa.Column(
+        "cache_write_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Input tokens written to the prompt cache (dearer on some providers).",
+    ),
+    sa.Column(
+        "reasoning_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Output tokens spent on hidden reasoning.",
+    ),
+    sa.Column(
+        "cost_usd",
+        Money(24, 12),
+        nullable=False,
+        comment="USD cost of the priced calls below; unpriced calls are counted apart.",
+    ),
+    sa.Column(
+        "unpriced_calls",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Calls below whose model had no price: cost_usd excludes them.",
+    ),
+    sa.Column(
+        "trace_id",
+        sa.String(32),
+        nullable=True,
+        comment="OpenTelemetry trace id of the run's span, to jump to the trace.",
+    ),
+    sa.Column(
+        "span_id",
+        sa.String(16),
+        nullable=True,
+        comment="OpenTelemetry span id of the run's span.",
+    ),
+    sa.Index(None, "name", "started_at"),  # cost per agent over time
+    sa.Index(None, "root_id"),  # roll a tree up to its root
+    sa.Index(None, "parent_id"),  # a run's children
+    sa.Index(None, "started_at"),  # everything in a time window
+    comment="One row per agent run; totals roll up every descendant run's calls.",
+)
+
+calls = sa.Table(
+    "calls",
+    metadata,
+    _id(
+        "id",
+        "Client-generated call id: a retried write can never duplicate it.",
+        primary_key=True,
+    ),
+    # No foreign key to runs: writes are batched, so a call may land before its run.
+    _id("run_id", "The run that made the call; NULL for a call made outside any run."),
+    _id("root_run_id", "The root of that run's tree, so a tree's cost is one indexed query."),
+    sa.Column(
+        "operation",
+        sa.String,
+        nullable=False,
+        comment="gen_ai.operation.name: chat, embeddings, text_completion, ...",
+    ),
+    sa.Column("provider", sa.String, nullable=True, comment="Provider that served the call."),
+    sa.Column(
+        "requested_model",
+        sa.String,
+        nullable=True,
+        comment="Model the caller asked for (before aliases, fallbacks and downgrades).",
+    ),
+    sa.Column(
+        "model",
+        sa.String,
+        nullable=True,
+        comment="Model that served the call, as the provider reported it: what is billed.",
+    ),
+    sa.Column("started_at", UTCDateTime(), nullable=False, comment="When the call was sent (UTC)."),
+    sa.Column(
+        "ended_at",
+        UTCDateTime(),
+        nullable=True,
+        comment="When the call finished (UTC); NULL if it never did.",
+    ),
+    sa.Column(
+        "latency_ms", sa.Float, nullable=True, comment="Wall time of the call in milliseconds."
+    ),
+    sa.Column("streamed", sa.Boolean, nullable=False, comment="Whether the response was streamed."),
+    sa.Column(
+        "status",
+        sa.String,
+        nullable=False,
+        comment="ok, error, abandoned (stream not read to the end) or refused (budget).",
+    ),
+    sa.Column(
+        "error_type",
+        sa.String,
+        nullable=True,
+        comment="Exception class of a failed call.",
+    ),
+    sa.Column(
+        "input_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Input tokens, cached ones included (gen_ai.usage.input_tokens).",
+    ),
+    sa.Column(
+        "output_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Output tokens, reasoning included (gen_ai.usage.output_tokens).",
+    ),
+    sa.Column(
+        "cache_read_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Input tokens read from the prompt cache.",
+    ),
+    sa.Column(
+        "cache_write_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Input tokens written to the prompt cache.",
+    ),
+    sa.Column(
+        "reasoning_tokens",
+        _TOKEN_COUNT,
+        nullable=False,
+        comment="Output tokens spent on hidden reasoning.",
+    ),
+    sa.Column(
+        "usage_estimated",
+        sa.Boolean,
+        nullable=False,
+        comment="True when tokenledger counted the tokens because the provider reported none.",
+    ),
+    sa.Column(
+        "cost_usd",
+        Money(24, 12),
+        nullable=True,
+        comment="USD cost of the call; NULL when the model has no price (never a fake $0).",
+    ),
+    sa.Column(
+        "cost_source",
+        sa.String,
+        nullable=True,
+        comment="local (priced from the prices table) or provider (cost the provider reported).",
+    ),
+    _id("price_id", "The price version the cost was computed with (prices.id)."),
+    sa.Column(
+        "finish_reasons",
+        _json_type(),
+        nullable=True,
+        comment="Why generation stopped, per choice (stop, length, tool_calls, ...).",
+    ),
+    sa.Column(
+        "litellm_call_id",
+        sa.String,
+        nullable=True,
+        comment="litellm's id for the call, to match its logs and deduplicate its callbacks.",
+    ),
+    sa.Column(
+        "trace_id",
+        sa.String(32),
+        nullable=True,
+        comment="OpenTelemetry trace id of the call's span.",
+    ),
+    sa.Column(
+        "span_id",
+        sa.String(16),
+        nullable=True,
+        comment="OpenTelemetry span id of the call's span.",
+    ),
+    sa.Column(
+        "max_tokens",
+        _TOKEN_COUNT,
+        nullable=True,
+        comment="The call's max_tokens: with it a budget reservation is a true upper bound.",
+    ),
+    sa.Index(None, "run_id"),  # a run's calls
+    sa.Index(None, "root_run_id"),  # a run tree's calls
+    sa.Index(None, "started_at"),  # everything in a time window
+    sa.Index(None, "model", "started_at"),  # cost per model over time
+    comment="One row per model call (each retry and fallback its own), with tokens and cost.",
+)
+
+# ---------------------------------------------------------------------------- engines
+
+
+def redact_url(url: str | URL) -> str:
+    """The URL as text with any password replaced by ``***``, for messages and logs.
+
+    .. versionadded:: 0.1.0
+    """
+    if isinstance(url, URL):
+        return url.render_as_string(hide_password=True)
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError, TypeError):
+        # Not parseable as a URL: still never print what looks like a password.
+        return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", str(url))
+
+
+def default_url() -> str:
+    """The ledger URL used when none is given.
+
+    ``$TOKENLEDGER_DATABASE_URL`` if set, else the SQLite file ``tokenledger.db`` in the
+    current working directory (as an absolute path, so a later ``chdir`` does not move it).
+
+    .. versionadded:: 0.1.0
+    """
+    configured = os.environ.get(DATABASE_URL_ENV, "").strip()
+    if configured:
+        return configured
+    return f"sqlite:///{os.path.abspath(DEFAULT_SQLITE_FILENAME)}"
+
+
+def database_path(url: str | URL | None = None) -> str | None:
+    """The absolute path of the SQLite file behind ``url``; None for a server database.
+
+    ``None`` means the default URL. This is what ``tokenledger path`` prints, so other
+    tools (``sqlite3``, Datasette) can open the ledger.
+
+    .. versionadded:: 0.1.0
+    """
+    parsed = normalize_url(default_url() if url is None else url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    return parsed.database
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url`` and turn it into the form tokenledger connects with.
+
+    ``postgres://`` and ``postgresql://`` become ``postgresql+psycopg://``; a relative
+    SQLite path becomes absolute. Raises `ConfigurationError` for anything else.
+
+    .. versionadded:: 0.1.0
+    """
+    if isinstance(url, URL):
+        parsed = url
+    else:
+        try:
+            parsed = make_url(url.strip())
+        except (ArgumentError, ValueError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"Database URL {redact_url(str(url))!r} is not a valid URL. {_ACCEPTED_URLS}"
+            ) from exc
+    driver = parsed.drivername
+    if driver in ("postgres", "postgresql", "postgres+psycopg", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if driver in ("sqlite", "sqlite+pysqlite"):
+        database = parsed.database or ""
+        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+            raise ConfigurationError(
+                f"Database URL {redact_url(parsed)!r} is an in-memory SQLite database; the "
+                "batch writer runs in its own thread and needs a database it can open "
+                "again. Use a file, for example `sqlite:////tmp/ledger.db`."
+            )
+        if parsed.query.get("uri") in ("true", "1") or database.startswith("file:"):
+            return parsed
+        return parsed.set(drivername="sqlite", database=os.path.abspath(database))
+    raise ConfigurationError(
+        f"Database URL {redact_url(parsed)!r} uses driver {driver!r}, which tokenledger "
+        f"does not support. {_ACCEPTED_URLS}"
+    )
+
+
+def _ensure_sqlite_file(path: str) -> None:
+    """Create the ledger file, readable by its owner only, before SQLite opens it.
+
+    SQLite would create it with the umask's permissions (often world-readable); its
+    -wal and -shm files copy the main file's mode.
+    """
+    if os.path.exists(path):
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return  # another process or thread created it first
+    except OSError as exc:
+        raise LedgerError(
+            f"Cannot create the ledger file {path}: {exc.strerror or exc}. Check that the "
+            "directory exists and is writable, or set TOKENLEDGER_DATABASE_URL."
+        ) from exc
+    os.close(fd)
+
+
+def create_engine_for(url: str | URL | None = None) -> sa.Engine:
+    """An engine for the ledger at ``url`` (``None``: `default_url`).
+
+    SQLite: a file-backed database in WAL mode with ``synchronous=NORMAL``, a 30 s busy
+    timeout and foreign keys on, shared by threads through a `~sqlalchemy.pool.QueuePool`;
+    the file (and its directory) is created with mode 0600 (0700) on first connect.
+    PostgreSQL: psycopg 3, ``pool_pre_ping``, a pool of 5 (+10 overflow) and a 10 s
+    connect timeout unless the URL sets one.
+
+    Raises:
+        ConfigurationError: the URL cannot be parsed or names an unsupported database.
+        ModuleNotFoundError: a PostgreSQL URL, and psycopg is not installed.
+
+    .. versionadded:: 0.1.0
+    """
+    parsed = normalize_url(default_url() if url is None else url)
+    if parsed.get_backend_name() == "postgresql":
+        if importlib.util.find_spec("psycopg") is None:
+            raise ModuleNotFoundError(
+                f"The ledger at {redact_url(parsed)} is a PostgreSQL database, which needs "
+                "psycopg: pip install 'tokenledger[postgres]'",
+                name="psycopg",
+            )
+        connect_args: dict[str, Any] = {}
+        if "connect_timeout" not in parsed.query:
+            connect_args["connect_timeout"] = 10
+        return sa.create_engine(
+            parsed,
+            pool_pre_ping=True,
+            pool_size=5,
+            max_overflow=10,
+            pool_recycle=1800,
+            connect_args=connect_args,
+        )
+
+    engine = sa.create_engine(
+        parsed,
+        poolclass=QueuePool,
+        pool_size=5,
+        max_overflow=10,
+        connect_args={"check_same_thread": False},
+    )
+    path = parsed.database
+    if path and not (parsed.query.get("uri") in ("true", "1") or path.startswith("file:")):
+
+        @event.listens_for(engine, "do_connect")
+        def _create_file(*_: Any) -> None:
+            _ensure_sqlite_file(path)
+
+    event.listen(engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_S * 1000}")
+        # WAL: readers never block the writer and the writer never blocks them. The mode
+        # is stored in the file, so only its first opener switches it; but that switch
+        # needs an exclusive lock and SQLite reports "database is locked" at once, busy
+        # timeout or not, when two processes open a new ledger together. Retry it.
+        deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+        while True:
+            try:
+                if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        for pragma in _SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+    finally:
+        cursor.close()
