@@ -10,7 +10,6 @@ import datetime as dt
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import traceback
 from collections.abc import Callable
@@ -93,6 +92,35 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
         ("span_id", "string", True),
         ("max_tokens", "integer", True),
     ],
+    "budgets": [
+        ("id", "string", False),
+        ("scope", "string", False),
+        ("per", "string", False),
+        ("limit_usd", "numeric", True),
+        ("limit_tokens", "integer", True),
+        ("action", "string", False),
+        ("downgrade_to", "json", True),
+        ("created_at", "datetime", False),
+        ("updated_at", "datetime", False),
+    ],
+    "budget_windows": [
+        ("budget_id", "string", False),
+        ("window_start", "datetime", False),
+        ("spent_usd", "numeric", False),
+        ("reserved_usd", "numeric", False),
+        ("spent_tokens", "integer", False),
+        ("reserved_tokens", "integer", False),
+        ("overshoot_usd", "numeric", False),
+    ],
+    "reservations": [
+        ("id", "string", False),
+        ("holder", "string", False),
+        ("amount_usd", "numeric", False),
+        ("tokens", "integer", False),
+        ("lines", "json", False),
+        ("created_at", "datetime", False),
+        ("expires_at", "datetime", False),
+    ],
 }
 
 EXPECTED_INDEXES = {
@@ -109,6 +137,9 @@ EXPECTED_INDEXES = {
         "ix_calls_started_at": ["started_at"],
         "ix_calls_model_started_at": ["model", "started_at"],
     },
+    "budgets": {},
+    "budget_windows": {},
+    "reservations": {"ix_reservations_expires_at": ["expires_at"]},
 }
 
 # (precision, scale) of every money column: costs and per-token prices.
@@ -120,6 +151,11 @@ EXPECTED_MONEY = {
     ("prices", "reasoning_per_token"): (30, 18),
     ("runs", "cost_usd"): (24, 12),
     ("calls", "cost_usd"): (24, 12),
+    ("budgets", "limit_usd"): (24, 12),
+    ("budget_windows", "spent_usd"): (24, 12),
+    ("budget_windows", "reserved_usd"): (24, 12),
+    ("budget_windows", "overshoot_usd"): (24, 12),
+    ("reservations", "amount_usd"): (24, 12),
 }
 
 
@@ -156,7 +192,7 @@ def version_rows(engine: sa.Engine) -> list[str]:
 def test_upgrade_head_creates_exactly_the_ledger_tables(engine: sa.Engine) -> None:
     schema.upgrade(engine)
 
-    assert {"prices", "runs", "calls", "tokenledger_alembic_version"} == table_names(engine)
+    assert {*EXPECTED_COLUMNS, "tokenledger_alembic_version"} == table_names(engine)
     assert [schema.head_revision()] == version_rows(engine)
 
 
@@ -176,7 +212,7 @@ def test_upgrade_head_gives_money_exact_precision_and_ids_32_characters(engine: 
     inspector = sa.inspect(engine)
     types = {
         (table, column["name"]): column["type"]
-        for table in ("prices", "runs", "calls")
+        for table in EXPECTED_COLUMNS
         for column in inspector.get_columns(table)
     }
 
@@ -197,11 +233,15 @@ def test_upgrade_head_creates_the_primary_keys_and_indexes(engine: sa.Engine) ->
     inspector = sa.inspect(engine)
 
     for table, indexes in EXPECTED_INDEXES.items():
-        assert {"constrained_columns": ["id"]}.items() <= inspector.get_pk_constraint(table).items()
-        assert indexes == {
-            index["name"]: index["column_names"] for index in inspector.get_indexes(table)
-        }
-        assert not any(index["unique"] for index in inspector.get_indexes(table))
+        key = ["budget_id", "window_start"] if table == "budget_windows" else ["id"]
+        assert {"constrained_columns": key}.items() <= inspector.get_pk_constraint(table).items()
+        # PostgreSQL also lists the index behind a unique constraint; that one is checked below.
+        plain = [i for i in inspector.get_indexes(table) if not i.get("duplicates_constraint")]
+        assert indexes == {index["name"]: index["column_names"] for index in plain}
+        assert not any(index["unique"] for index in plain)
+    assert [["scope", "per"]] == [
+        c["column_names"] for c in inspector.get_unique_constraints("budgets")
+    ]
     # A call's row may land before its run's row: no foreign key may refuse it.
     assert [] == inspector.get_foreign_keys("calls")
 
@@ -337,58 +377,43 @@ def test_ensure_schema_leaves_a_ledger_at_head_alone(engine: sa.Engine) -> None:
         assert ["r1"] == list(connection.execute(sa.select(storage.runs.c.id)).scalars())
 
 
-@pytest.fixture
-def migrations_with_a_newer_revision(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Callable[[], None]:
-    """A copy of the shipped migrations plus a revision 0002; call it to make it current.
-
-    With one shipped revision there is no real "older" ledger yet, so the test makes
-    this code one revision newer than the database instead.
-    """
-    copy = tmp_path / "migrations"
-    shutil.copytree(
-        Path(str(schema._migrations_location())),
-        copy,
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    (copy / "versions" / "0002_test_only.py").write_text(
-        '"""A test-only revision."""\n'
-        "from alembic import op\n\n"
-        'revision = "0002"\n'
-        'down_revision = "0001"\n'
-        "branch_labels = None\n"
-        "depends_on = None\n\n\n"
-        "def upgrade():\n"
-        '    op.create_index("ix_calls_status", "calls", ["status"])\n\n\n'
-        "def downgrade():\n"
-        '    op.drop_index("ix_calls_status", table_name="calls")\n'
-    )
-
-    def use_the_copy() -> None:
-        monkeypatch.setattr(schema, "_migrations_location", lambda: copy)
-
-    return use_the_copy
-
-
-def test_ensure_schema_refuses_an_older_ledger_and_says_how_to_upgrade(
-    engine: sa.Engine, migrations_with_a_newer_revision: Callable[[], None]
-) -> None:
-    schema.upgrade(engine)  # at 0001, the shipped head
-    migrations_with_a_newer_revision()  # this code now needs 0002
+def test_ensure_schema_refuses_an_older_ledger_and_says_how_to_upgrade(engine: sa.Engine) -> None:
+    schema.upgrade(engine, "0001")  # a ledger written before budgets existed
     url = storage.redact_url(engine.url)
 
     with pytest.raises(SchemaVersionError) as raised:
         schema.ensure_schema(engine)
 
     assert (
-        f"The ledger at {url} is at schema revision 0001; this tokenledger needs 0002. "
-        f"Run `tokenledger db upgrade --db {url}`."
+        f"The ledger at {url} is at schema revision 0001; this tokenledger needs "
+        f"{schema.head_revision()}. Run `tokenledger db upgrade --db {url}`."
     ) == str(raised.value)
     # And that advice works:
     schema.upgrade(engine)
     schema.ensure_schema(engine)
-    assert "0002" == schema.current_revision(engine)
+    assert schema.head_revision() == schema.current_revision(engine)
+
+
+def test_upgrading_a_filled_ledger_keeps_every_row(engine: sa.Engine) -> None:
+    schema.upgrade(engine, "0001")
+    with engine.begin() as connection:
+        connection.execute(sa.insert(storage.runs), [run_row(f"r{i}") for i in range(25)])
+
+    schema.upgrade(engine)
+
+    with engine.connect() as connection:
+        assert (
+            25 == connection.execute(sa.select(sa.func.count()).select_from(storage.runs)).scalar()
+        )
+
+
+def test_each_revision_downgrades_cleanly(engine: sa.Engine) -> None:
+    schema.upgrade(engine)
+    schema.downgrade(engine, "0001")
+    assert "budgets" not in table_names(engine)
+    assert {"prices", "runs", "calls"} <= table_names(engine)
+    schema.downgrade(engine, "base")
+    assert {"tokenledger_alembic_version"} >= table_names(engine)
 
 
 def test_ensure_schema_refuses_a_ledger_written_by_a_newer_tokenledger(engine: sa.Engine) -> None:
@@ -683,5 +708,6 @@ def test_the_migrations_ship_inside_the_package() -> None:
 
     assert (location / "versions" / "0001_initial.py").is_file()
     assert (location / "env.py").is_file()
-    assert "0001" == schema.head_revision()
+    assert (location / "versions" / "0002_budgets.py").is_file()
+    assert "0002" == schema.head_revision()
     assert os.path.basename(location) == "migrations"

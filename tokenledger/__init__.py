@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeVar, overload
 
 from tokenledger._version import __version__
+from tokenledger.budgets import Budget, BudgetStatus, BudgetWarning
 from tokenledger.exceptions import (
     BudgetExceeded,
     ConfigurationError,
@@ -31,7 +32,10 @@ from tokenledger.records import CallRecord, RunRecord, TokenUsage
 from tokenledger.runs import Run, RunContext, bind_context, current_run
 
 __all__ = [
+    "Budget",
     "BudgetExceeded",
+    "BudgetStatus",
+    "BudgetWarning",
     "CallRecord",
     "ConfigurationError",
     "Ledger",

@@ -99,6 +99,8 @@ class PendingCall:
         "_once",
         "attempts",
         "call",
+        "deferred",
+        "downgraded_to",
         "failures_seen",
         "kwargs_messages",
         "ledger",
@@ -125,6 +127,8 @@ class PendingCall:
         self.max_attempts = 1  # 1 + the number of fallbacks sharing this logging object
         self.attempts = 0
         self.failures_seen: list[int] = []
+        self.deferred = False  # an async call's reservation waits for the async hook
+        self.downgraded_to: str | None = None
 
     def __copy__(self) -> PendingCall:
         return self
@@ -143,6 +147,11 @@ class PendingCall:
     def on_failure(self, exception: Any, details: Mapping[str, Any] | None = None) -> None:
         """Record one failed attempt (each distinct exception once)."""
         try:
+            if isinstance(exception, BudgetExceeded):
+                # Refused before the request: nothing was sent, nothing to record.
+                self.claim()
+                self.ledger._release(self)
+                return
             marker = id(exception)
             if marker in self.failures_seen or self.attempts >= self.max_attempts:
                 return  # a handler fired twice, or litellm's summary of attempts already recorded
@@ -277,8 +286,13 @@ def _function_setup(
     try:
         pending = _start_pending(original_function, args, kwargs)
         if pending is not None:
-            # May raise BudgetExceeded (no request is sent) or change the model.
-            pending.ledger._before_call(pending, kwargs)
+            if kwargs.get("is_async_call", True) and _originals.get("async_hook") is not None:
+                # In an event loop: reserve in a worker thread from the async hook below,
+                # never blocking the loop here. Skipped outright when no budget can apply.
+                pending.deferred = pending.ledger._budgets.may_apply(pending.run)
+            else:
+                # May raise BudgetExceeded (no request is sent) or change the model.
+                pending.ledger._before_call(pending, kwargs)
     except BudgetExceeded:
         raise
     except Exception:
@@ -324,8 +338,29 @@ def _watch_failures(logging_obj: Any, pending: PendingCall) -> None:
     logging_obj.failure_handler = failure_handler
 
 
+async def _async_pre_call_deployment_hook(kwargs: dict[str, Any], call_type: Any) -> Any:
+    """The async calls' reservation point: awaited by litellm after ``function_setup``
+    and before the request; an exception here reaches the caller with nothing sent."""
+    logging_obj = kwargs.get("litellm_logging_obj")
+    details = getattr(logging_obj, "model_call_details", None)
+    pending: PendingCall | None = details.get(PENDING_KEY) if details is not None else None
+    if pending is not None and pending.deferred:
+        pending.deferred = False
+        import asyncio
+
+        await asyncio.to_thread(pending.ledger._before_call, pending, kwargs)
+    return await _originals["async_hook"](kwargs, call_type)
+
+
 def _update_response_metadata(
-    *, result: Any, logging_obj: Any, model: Any, kwargs: Any, start_time: Any, end_time: Any
+    *,
+    result: Any,
+    logging_obj: Any,
+    model: Any,
+    kwargs: Any,
+    start_time: Any,
+    end_time: Any,
+    **extra: Any,
 ) -> None:
     _originals["update_response_metadata"](
         result=result,
@@ -334,6 +369,7 @@ def _update_response_metadata(
         kwargs=kwargs,
         start_time=start_time,
         end_time=end_time,
+        **extra,
     )
     try:
         pending: PendingCall | None = logging_obj.model_call_details.get(PENDING_KEY)
@@ -544,6 +580,10 @@ def install() -> None:
         _originals["update_response_metadata"] = litellm_utils.update_response_metadata
         litellm_utils.function_setup = _function_setup
         litellm_utils.update_response_metadata = _update_response_metadata
+        hook = getattr(litellm_utils, "async_pre_call_deployment_hook", None)
+        if callable(hook):
+            _originals["async_hook"] = hook
+            litellm_utils.async_pre_call_deployment_hook = _async_pre_call_deployment_hook
 
 
 def uninstall() -> None:
@@ -555,6 +595,9 @@ def uninstall() -> None:
 
         litellm_utils.function_setup = _originals.pop("function_setup")
         litellm_utils.update_response_metadata = _originals.pop("update_response_metadata")
+        hook = _originals.pop("async_hook", None)
+        if hook is not None:
+            litellm_utils.async_pre_call_deployment_hook = hook
 
 
 def installed() -> bool:

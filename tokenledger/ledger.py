@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from tokenledger import capture as _capture
@@ -21,6 +21,7 @@ from tokenledger.spans import Telemetry
 if TYPE_CHECKING:
     import sqlalchemy
 
+    from tokenledger.budgets import BudgetStatus
     from tokenledger.capture import PendingCall
     from tokenledger.pricing import PriceBook
     from tokenledger.writer import BatchWriter
@@ -57,8 +58,11 @@ class Ledger:
         record_calls_outside_runs: bool = True,
         flush_interval: float = 1.0,
         price_book: PriceBook | None = None,
+        budget_lease_seconds: float = 120.0,
+        default_max_output_tokens: int = 4096,
     ) -> None:
         from tokenledger import schema, storage
+        from tokenledger.enforcement import BudgetEnforcer
         from tokenledger.writer import BatchWriter
 
         if not isinstance(flush_interval, (int, float)) or not 0 < flush_interval <= 3600:
@@ -77,6 +81,21 @@ class Ledger:
         self._streams_lock = threading.Lock()
         self._open_streams: dict[str, list[PendingCall]] = {}
         self._closed = False
+        if not isinstance(budget_lease_seconds, (int, float)) or not budget_lease_seconds > 0:
+            raise ConfigurationError(
+                f"`budget_lease_seconds` is {budget_lease_seconds!r}; it must be a positive "
+                "number of seconds (how long a crashed process's reservation is held)."
+            )
+        if not isinstance(default_max_output_tokens, int) or default_max_output_tokens <= 0:
+            raise ConfigurationError(
+                f"`default_max_output_tokens` is {default_max_output_tokens!r}; it must be a "
+                "positive whole number of tokens."
+            )
+        self._budgets = BudgetEnforcer(
+            self,
+            lease_seconds=float(budget_lease_seconds),
+            default_max_output_tokens=default_max_output_tokens,
+        )
         if capture:
             _capture.set_capture_ledger(self)
             _capture.install_when_imported()
@@ -124,6 +143,7 @@ class Ledger:
         inherits its tags. .. versionadded:: 0.1.0
         """
         _check_name(name)
+        _check_run_budget(budget, where=f"run `{name}`")
         return RunContext(self, name, validate_tags(tags, where=f"run `{name}`"), budget)
 
     @overload
@@ -157,6 +177,7 @@ class Ledger:
             return make_agent_decorator(lambda: self, None, {}, None)(name)
         if name is not None:
             _check_name(name)
+        _check_run_budget(budget, where=f"agent `{name}`")
         clean = validate_tags(tags, where=f"agent `{name}`")
         return make_agent_decorator(lambda: self, name, clean, budget)
 
@@ -191,6 +212,44 @@ class Ledger:
         )
         self._put_price(price)
         return price
+
+    # -- budgets ------------------------------------------------------------------------
+    def set_budget(
+        self,
+        scope: str,
+        *,
+        usd: Any = None,
+        tokens: int | None = None,
+        per: str = "day",
+        action: str = "raise",
+        downgrade_to: Sequence[str] = (),
+    ) -> BudgetStatus:
+        """Set (or replace) a shared budget, enforced before every call in every process.
+
+        ``scope`` is ``global``, ``agent:NAME``, ``user:ID``, ``tenant:ID`` or any
+        ``TAGKEY:VALUE`` matched against run tags; ``per`` is ``hour``, ``day``, ``week``,
+        ``month`` (UTC calendar windows) or ``total``; ``action`` is ``raise``, ``warn``
+        or ``downgrade`` (with ``downgrade_to``, cheaper models tried in order).
+        .. versionadded:: 0.1.0
+        """
+        definition = self._budgets.set_budget(
+            scope, usd=usd, tokens=tokens, per=per, action=action, downgrade_to=downgrade_to
+        )
+        return next(
+            b for b in self.budgets() if (b.scope, b.per) == (definition.scope, definition.per)
+        )
+
+    def budgets(self) -> list[BudgetStatus]:
+        """Every shared budget with its current window: limit, spent, reserved, remaining,
+        and when the window resets. Expired reservations are reclaimed first."""
+        return self._budgets.store.status()
+
+    def remove_budget(self, scope: str, *, per: str | None = None) -> int:
+        """Remove a budget (every window of ``scope`` unless ``per`` is given); returns
+        how many were removed."""
+        from tokenledger.budgets import parse_scope
+
+        return self._budgets.store.remove(parse_scope(scope), per)
 
     # -- low-level recording ------------------------------------------------------------
     def record_call(
@@ -261,10 +320,16 @@ class Ledger:
 
     # -- the capture pipeline (shared by litellm capture and every integration) --------
     def _before_call(self, pending: PendingCall, kwargs: dict[str, Any]) -> None:
-        """Hook before a request leaves the process: budget reservations go here."""
+        """Before a request leaves the process: reserve it on every budget that applies.
+
+        Raises `BudgetExceeded` (no request is sent) or changes ``kwargs["model"]`` to a
+        cheaper model when a ``downgrade`` budget says so.
+        """
+        self._budgets.before_call(pending, kwargs)
 
     def _release(self, pending: PendingCall) -> None:
         """The request was never sent: give back anything reserved for it."""
+        self._budgets.release(pending)
 
     def _complete_call(self, pending: PendingCall, *, provider_cost: Any = None) -> None:
         call = pending.call
@@ -281,6 +346,8 @@ class Ledger:
         self._telemetry.record_metrics(call)
         if run is not None:
             run.add_call(call)
+        if pending.reservation is not None:
+            self._budgets.after_call(pending)
         self._writer.put_call(call)
 
     def _price(self, pending: PendingCall, provider_cost: Any) -> None:
@@ -348,6 +415,7 @@ class Ledger:
         if _capture.capture_ledger() is self:
             _capture.set_capture_ledger(None)
         self._writer.close(timeout)
+        self._budgets.store.dispose()
         self._engine.dispose()
 
     def __enter__(self) -> Ledger:
@@ -364,6 +432,24 @@ def _trusts_provider_cost(provider: str | None, raw: Any) -> bool:
     # Only a cost the provider itself reported: litellm also writes its own estimate to
     # `usage.cost` on some paths, which is not the provider's bill.
     return provider == "openrouter" or (isinstance(raw, dict) and "cost" in raw and len(raw) == 1)
+
+
+def _check_run_budget(budget: object, *, where: str) -> None:
+    from tokenledger.budgets import Budget
+
+    if budget is None:
+        return
+    if not isinstance(budget, Budget):
+        raise ConfigurationError(
+            f"`budget` of {where} is {budget!r}; give a tokenledger.Budget, "
+            'e.g. budget=Budget(usd="0.50").'
+        )
+    if budget.per != "run":
+        raise ConfigurationError(
+            f"`budget` of {where} has per={budget.per!r}; a budget on a run caps that run "
+            "(per='run'). For a window shared across runs use "
+            f"ledger.set_budget('agent:NAME', usd=..., per={budget.per!r})."
+        )
 
 
 def _check_name(name: object) -> None:

@@ -49,7 +49,7 @@ VERSION_TABLE = "tokenledger_alembic_version"
 # works as long as every tokenledger version uses the same one: it is b"tokenldg".
 MIGRATION_LOCK_ID = 0x746F6B656E6C6467
 
-LEDGER_TABLES = ("calls", "prices", "runs")
+LEDGER_TABLES = ("budget_windows", "budgets", "calls", "prices", "reservations", "runs")
 
 
 def _migrations_location() -> Traversable:

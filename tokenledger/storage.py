@@ -36,6 +36,8 @@ __all__ = [
     "JSONDocument",
     "Money",
     "UTCDateTime",
+    "budget_windows",
+    "budgets",
     "calls",
     "create_engine_for",
     "database_path",
@@ -44,6 +46,7 @@ __all__ = [
     "normalize_url",
     "prices",
     "redact_url",
+    "reservations",
     "runs",
 ]
 
@@ -544,6 +547,123 @@ calls = sa.Table(
     sa.Index(None, "model", "started_at"),  # cost per model over time
     comment="One row per model call (each retry and fallback its own), with tokens and cost.",
 )
+
+budgets = sa.Table(
+    "budgets",
+    metadata,
+    _id("id", "Client-generated budget id.", primary_key=True),
+    sa.Column(
+        "scope",
+        sa.String(300),
+        nullable=False,
+        comment="What the budget covers: global, agent:NAME, or TAGKEY:VALUE from run tags.",
+    ),
+    sa.Column(
+        "per",
+        sa.String(8),
+        nullable=False,
+        comment="UTC calendar window the limit applies to: hour, day, week, month or total.",
+    ),
+    sa.Column(
+        "limit_usd", Money(24, 12), nullable=True, comment="Limit in USD per window; NULL: none."
+    ),
+    sa.Column(
+        "limit_tokens",
+        _TOKEN_COUNT,
+        nullable=True,
+        comment="Limit in tokens per window; NULL: none.",
+    ),
+    sa.Column(
+        "action",
+        sa.String(16),
+        nullable=False,
+        comment="What a call that would pass the limit gets: raise, warn or downgrade.",
+    ),
+    sa.Column(
+        "downgrade_to",
+        _json_type(),
+        nullable=True,
+        comment="Cheaper models tried in order when the action is downgrade.",
+    ),
+    sa.Column("created_at", UTCDateTime(), nullable=False, comment="When the budget was set."),
+    sa.Column("updated_at", UTCDateTime(), nullable=False, comment="When it was last changed."),
+    sa.UniqueConstraint("scope", "per"),
+    comment="Shared budgets, enforced before each call by every process using the ledger.",
+)
+
+budget_windows = sa.Table(
+    "budget_windows",
+    metadata,
+    _id("budget_id", "The budget (budgets.id).", primary_key=True),
+    sa.Column(
+        "window_start",
+        UTCDateTime(),
+        primary_key=True,
+        comment="Start of the UTC window these figures belong to (1970-01-01 for total).",
+    ),
+    sa.Column(
+        "spent_usd", Money(24, 12), nullable=False, comment="Settled cost of calls in the window."
+    ),
+    sa.Column(
+        "reserved_usd",
+        Money(24, 12),
+        nullable=False,
+        comment="Upper-bound estimates held by calls in flight; checked with spent atomically.",
+    ),
+    sa.Column("spent_tokens", _TOKEN_COUNT, nullable=False, comment="Settled tokens."),
+    sa.Column("reserved_tokens", _TOKEN_COUNT, nullable=False, comment="Tokens held in flight."),
+    sa.Column(
+        "overshoot_usd",
+        Money(24, 12),
+        nullable=False,
+        comment="How far actual costs passed their estimates (calls without max_tokens).",
+    ),
+    comment="Spent and reserved per budget and window: the row a reservation updates.",
+)
+
+reservations = sa.Table(
+    "reservations",
+    metadata,
+    _id("id", "Client-generated reservation id.", primary_key=True),
+    sa.Column(
+        "holder",
+        sa.String(300),
+        nullable=False,
+        comment="host:pid of the process holding it, to explain a reclaimed lease.",
+    ),
+    sa.Column("amount_usd", Money(24, 12), nullable=False, comment="USD reserved on each line."),
+    sa.Column("tokens", _TOKEN_COUNT, nullable=False, comment="Tokens reserved on each line."),
+    sa.Column(
+        "lines",
+        _json_type(),
+        nullable=False,
+        comment="[budget id, window start] pairs the amount is reserved on.",
+    ),
+    sa.Column("created_at", UTCDateTime(), nullable=False, comment="When it was taken."),
+    sa.Column(
+        "expires_at",
+        UTCDateTime(),
+        nullable=False,
+        comment="End of the lease: after it any process may reclaim the reservation.",
+    ),
+    sa.Index(None, "expires_at"),  # finding expired leases
+    comment="Budget reservations of calls in flight; a crashed process's expire and are reclaimed.",
+)
+
+
+def insert_for(dialect_name: str) -> Any:
+    """The dialect's ``insert`` construct, which has ``on_conflict_do_*``."""
+    if dialect_name == "sqlite":
+        from sqlalchemy.dialects import sqlite
+
+        return sqlite.insert
+    if dialect_name == "postgresql":
+        return postgresql.insert
+    raise ConfigurationError(
+        f"The ledger engine's dialect is {dialect_name!r}; tokenledger supports sqlite and "
+        "postgresql."
+    )
+
 
 # ---------------------------------------------------------------------------- engines
 

@@ -1,0 +1,941 @@
+"""The ``tokenledger`` command: read the ledger, migrate it, and run the offline demo.
+
+Start-up time matters for a command people run in loops and scripts, so this module
+imports only click at the top: SQLAlchemy, rich and the query layer are imported inside
+the commands that use them, and litellm only by ``tokenledger demo``.
+
+Reading commands (``runs``, ``calls``, ``report``, ``status``, ``db current``) never
+create or migrate a database: a missing SQLite file is an error, not a new ledger.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from tokenledger._version import __version__
+from tokenledger.exceptions import ConfigurationError, LedgerError, SchemaVersionError
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from rich.console import Console
+    from rich.table import Table
+
+    from tokenledger.queries import CallRow, ReportRow, RunRow
+
+__all__ = ["cli", "main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_EMPTY = "No runs recorded yet. Try `tokenledger demo`."
+_DB_HELP = (
+    "Ledger database URL. Default: $TOKENLEDGER_DATABASE_URL, else tokenledger.db in the "
+    "current directory."
+)
+_SINCE_HELP = "Only runs/calls since then: 30m, 24h, 7d, 2w, or an ISO date (2025-01-31)."
+_URL_KEY = "tokenledger.url"
+
+
+# -------------------------------------------------------------------------- plumbing
+
+
+class _LedgerGroup(click.Group):
+    """Turns tokenledger's and the database driver's errors into one-line messages.
+
+    ``Error: <sentence>`` on stderr and exit status 1, never a traceback: a user who
+    mistyped a URL or forgot ``db upgrade`` needs the fix, not our stack.
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except LedgerError as exc:  # SchemaVersionError included
+            raise click.ClickException(str(exc)) from exc
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except ModuleNotFoundError as exc:
+            if exc.name in ("psycopg", "psycopg2"):
+                raise click.ClickException(str(exc)) from exc
+            raise
+        except Exception as exc:
+            sa_exc = sys.modules.get("sqlalchemy.exc")
+            if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
+                url = ctx.meta.get(_URL_KEY, "the ledger")
+                reason = str(exc.orig or exc).strip()
+                raise click.ClickException(f"The database at {url} failed: {reason}") from exc
+            raise
+
+
+def _db_option(fn: F) -> F:
+    return click.option("--db", "db_url", metavar="URL", default=None, help=_DB_HELP)(fn)
+
+
+def _json_option(fn: F) -> F:
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print JSON (Decimals as strings, ISO-8601 times), for scripts.",
+    )(fn)
+
+
+def _resolve_url(db_url: str | None) -> tuple[str, str | None]:
+    """The URL to use and its SQLite path (None for a server), or a usage error."""
+    from tokenledger import storage
+
+    url = db_url or storage.default_url()
+    try:
+        path = storage.database_path(url)
+    except ConfigurationError as exc:
+        source = "--db" if db_url else storage.DATABASE_URL_ENV
+        raise click.BadParameter(str(exc), param_hint=f"'{source}'") from exc
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.find_root().meta[_URL_KEY] = path or storage.redact_url(url)
+    return url, path
+
+
+def _missing_file(path: str) -> NoReturn:
+    raise click.ClickException(
+        f"The ledger {path} does not exist. Record a run with tokenledger, run "
+        "`tokenledger demo`, or pass --db with the URL of an existing ledger."
+    )
+
+
+def _engine(url: str) -> sa.Engine:
+    from tokenledger import storage
+
+    return storage.create_engine_for(url)
+
+
+def _open_for_reading(db_url: str | None) -> sa.Engine | None:
+    """An engine on an existing ledger at this code's schema; None when it has no schema.
+
+    Never creates a file or a table: a missing SQLite file is an error, an empty
+    database is an empty ledger, and one at another revision raises `SchemaVersionError`.
+    """
+    from tokenledger import schema
+
+    url, path = _resolve_url(db_url)
+    if path is not None and not os.path.exists(path):
+        _missing_file(path)
+    engine = _engine(url)
+    try:
+        if schema.current_revision(engine) is None and not _has_ledger_tables(engine):
+            engine.dispose()
+            return None
+        # ensure_schema creates tables only in a database without any; here it checks
+        # the revision and raises SchemaVersionError with the command that fixes it.
+        schema.ensure_schema(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine
+
+
+def _has_ledger_tables(engine: sa.Engine) -> bool:
+    import sqlalchemy as sa
+
+    from tokenledger.schema import LEDGER_TABLES
+
+    with engine.connect() as connection:
+        return bool(set(sa.inspect(connection).get_table_names()) & set(LEDGER_TABLES))
+
+
+R = TypeVar("R")
+
+
+def _read(db_url: str | None, query: Callable[[sa.Engine], list[R]]) -> tuple[list[R], bool]:
+    """Rows of ``query`` on the ledger, and whether the ledger holds nothing at all."""
+    from tokenledger.queries import counts
+
+    engine = _open_for_reading(db_url)
+    if engine is None:
+        return [], True
+    try:
+        rows = query(engine)
+        if rows:
+            return rows, False
+        held = counts(engine)
+        return rows, held.runs == 0 and held.calls == 0
+    finally:
+        engine.dispose()
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    # Piped output is read by tools and people with wide terminals: do not cut it at
+    # rich's default of 80 columns.
+    width = None if sys.stdout.isatty() else 200
+    return Console(file=sys.stdout, width=width, highlight=False)
+
+
+def _say(message: str, *, err: bool = False) -> None:
+    click.echo(message, err=err)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        # Exact, as a string: JSON numbers are floats to most readers.
+        return format(value.normalize(), "f") if value else "0"
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    raise TypeError(f"Cannot encode {type(value).__name__} as JSON")
+
+
+def _print_json(data: Sequence[Any] | dict[str, Any]) -> None:
+    """Rows (dataclasses) as a JSON array, or one dict as an object."""
+    if not isinstance(data, dict):
+        data = [dataclasses.asdict(row) for row in data]
+    click.echo(json.dumps(data, default=_json_default, indent=2, ensure_ascii=False))
+
+
+def _since_value(since: str | None) -> dt.datetime | None:
+    if since is None:
+        return None
+    from tokenledger.queries import parse_since
+
+    try:
+        return parse_since(since)
+    except ConfigurationError as exc:
+        raise click.BadParameter(
+            f"{since!r} is not a time. Use a duration back from now (30m, 24h, 7d, 2w) "
+            "or an ISO date (2025-01-31).",
+            param_hint="'--since'",
+        ) from exc
+
+
+def _limit_value(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value < 0:
+        raise click.BadParameter(f"{value} is negative; give a count, or 0 for all.")
+    return value
+
+
+def _limit_option(fn: F) -> F:
+    return click.option(
+        "-n",
+        "--limit",
+        type=int,
+        default=20,
+        show_default=True,
+        callback=_limit_value,
+        help="How many to show, newest first (0: all).",
+    )(fn)
+
+
+# ------------------------------------------------------------------------ formatting
+
+
+def _money(value: Decimal | None) -> str:
+    """Dollars for a table: 4 places, or 2 significant digits below a tenth of a cent."""
+    if value is None:
+        return "[yellow]unpriced[/]"
+    if value == 0 or abs(value) >= Decimal("0.001"):
+        return f"${value:,.4f}"
+    # Two significant digits: $0.00023, $0.000004.
+    quantum = Decimal(1).scaleb(value.adjusted() - 1)
+    return f"${value.quantize(quantum).normalize():f}"
+
+
+def _count(value: int) -> str:
+    return f"{value:,}" if value else "[dim]0[/]"
+
+
+def _tokens(value: int) -> str:
+    """A token count for a table: exact below 100,000, then 105k, 1.2M, 3.4B.
+
+    Exact figures are one ``--json`` away; the table has to fit an 80-column terminal.
+    """
+    if value < 100_000:
+        return _count(value)
+    for divisor, suffix in ((1_000_000_000, "B"), (1_000_000, "M")):
+        if value >= divisor:
+            return f"{value / divisor:,.1f}{suffix}"
+    return f"{value / 1000:,.0f}k"
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _when(value: dt.datetime | None, *, now: dt.datetime | None = None) -> str:
+    """Local time, as short as is unambiguous: 14:03:07 today, Nov 21 09:15, 2024-12-31."""
+    if value is None:
+        return ""
+    local = value.astimezone()
+    today = (now or dt.datetime.now().astimezone()).date()
+    if local.date() == today:
+        return local.strftime("%H:%M:%S")
+    if local.year == today.year:
+        return local.strftime("%b %d %H:%M")
+    return local.strftime("%Y-%m-%d")
+
+
+_STATUS_STYLE = {"ok": "green", "error": "red", "budget_exceeded": "yellow", "running": "blue"}
+
+
+def _status(value: str) -> str:
+    return f"[{_STATUS_STYLE.get(value, 'yellow')}]{_escape(value)}[/]"
+
+
+@dataclasses.dataclass
+class _Column:
+    """One table column. ``drop``: 0 always shown, else dropped (highest first) when
+    the terminal is too narrow. ``name``: left-aligned text that rich may shorten."""
+
+    header: str
+    cells: list[str]
+    total: str = ""
+    drop: int = 0
+    name: bool = False
+    left: bool = False
+    style: str | None = None
+
+
+def _fit_table(
+    columns: list[_Column],
+    *,
+    width: int,
+    title: str | None = None,
+    caption: str | None = None,
+    with_total: bool = False,
+) -> Table:
+    """A table that fits ``width``: optional columns go first, then long names are cut.
+
+    Rich alone would squeeze every column, numbers included, into ellipses.
+    """
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    def needed(column: _Column) -> int:
+        cells = [column.header, *column.cells, column.total if with_total else ""]
+        return max(Text.from_markup(cell).cell_len for cell in cells)
+
+    def overflow() -> int:
+        return sum(needed(c) for c in shown) + 2 * (len(shown) - 1) - width
+
+    shown = list(columns)
+    while overflow() > 0 and any(c.drop for c in shown):
+        shown.remove(max(reversed([c for c in shown if c.drop]), key=lambda c: c.drop))
+    # Still too wide: shorten the longest names (with an ellipsis), never the figures.
+    limits = {id(c): needed(c) for c in shown if c.name}
+    excess = overflow()
+    while excess > 0 and limits and max(limits.values()) > 8:
+        longest = max(limits, key=lambda key: limits[key])
+        limits[longest] -= 1
+        excess -= 1
+    hidden = [c.header for c in columns if c not in shown]
+    notes = [caption] if caption else []
+    if hidden:
+        notes.append(f"Not shown, to fit the terminal: {', '.join(hidden)} (or use --json).")
+    table = Table(
+        title=title,
+        caption="\n".join(notes) or None,
+        # No vertical rules and a 2-space gap: reports must fit an 80-column terminal.
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1, 0, 0),
+        title_justify="left",
+        title_style="bold",
+        caption_justify="left",
+        caption_style="dim",
+        header_style="bold cyan",
+    )
+    for column in shown:
+        table.add_column(
+            column.header,
+            justify="left" if column.name or column.left else "right",
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=limits.get(id(column)),
+            style=column.style,
+        )
+    for row in zip(*(column.cells for column in shown), strict=True):
+        table.add_row(*row)
+    if with_total:
+        table.add_section()
+        table.add_row(*(column.total for column in shown))
+    return table
+
+
+_KEY_HEADERS = {
+    "agent": "Agent",
+    "model": "Model",
+    "provider": "Provider",
+    "status": "Run status",
+    "day": "Day (UTC)",
+}
+_KEY_MISSING = {"agent": "(outside runs)", "status": "(outside runs)"}
+_REPORT_CAPTION = "Tokens: In includes Cached, Out includes Reasoning. Cost in USD."
+
+
+def _report_columns(rows: Sequence[ReportRow], by: Sequence[str]) -> dict[str, _Column]:
+    def total(name: str) -> int:
+        return sum(getattr(row, name) for row in rows)
+
+    def tokens(header: str, name: str, drop: int) -> _Column:
+        return _Column(
+            header,
+            [_tokens(getattr(row, name)) for row in rows],
+            _tokens(total(name)),
+            drop=drop,
+        )
+
+    cost = sum((row.cost_usd for row in rows), Decimal(0))
+    return {
+        # Runs of different groups overlap (one run uses several models): no total.
+        "runs": _Column("Runs", [_count(row.runs) for row in rows], drop=3),
+        "calls": _Column("Calls", [_count(row.calls) for row in rows], _count(total("calls"))),
+        "failed": _Column(
+            "Failed",
+            [f"[red]{row.failed_calls}[/]" if row.failed_calls else _count(0) for row in rows],
+            _count(total("failed_calls")),
+            drop=3,
+        ),
+        "in": tokens("In", "input_tokens", 4),
+        "cached": tokens("Cached", "cached_tokens", 5),
+        "out": tokens("Out", "output_tokens", 4),
+        "reasoning": tokens("Reasoning", "reasoning_tokens", 6),
+        "cost": _Column("Cost", [_money(row.cost_usd) for row in rows], _money(cost), style="bold"),
+        "per_run": _Column(
+            "Per run",
+            [_money(row.cost_usd / row.runs) if row.runs else "" for row in rows],
+            drop=2,
+        ),
+        "unpriced": _Column(
+            "Unpriced",
+            [
+                f"[yellow]{row.unpriced_calls}[/]" if row.unpriced_calls else _count(0)
+                for row in rows
+            ],
+            _count(total("unpriced_calls")),
+        ),
+    }
+
+
+def report_table(
+    rows: Sequence[ReportRow],
+    by: Sequence[str],
+    *,
+    width: int,
+    title: str | None = None,
+    columns: Sequence[str] | None = None,
+) -> Table:
+    """A table of report rows with a total line, used by ``report`` and ``demo``.
+
+    ``columns`` picks from runs, calls, failed, in, cached, out, reasoning, cost, per_run
+    and unpriced; by default failures, reasoning and unpriced calls appear when there
+    are any, and cost per run when grouping by agent.
+    """
+    if columns is None:
+        columns = ["runs", "calls"]
+        if any(row.failed_calls for row in rows):
+            columns.append("failed")
+        columns += ["in", "cached", "out"]
+        if any(row.reasoning_tokens for row in rows):
+            columns.append("reasoning")
+        columns.append("cost")
+        if "agent" in by:
+            columns.append("per_run")
+        if any(row.unpriced_calls for row in rows):
+            columns.append("unpriced")
+    keys = []
+    for position, name in enumerate(by):
+        cells = []
+        for row in rows:
+            value = row.key[name]
+            if value is None:
+                cells.append(f"[dim]{_KEY_MISSING.get(name, '(unknown)')}[/]")
+            else:
+                cells.append(_status(value) if name == "status" else _escape(value))
+        keys.append(
+            _Column(_KEY_HEADERS[name], cells, "[bold]Total[/]" if position == 0 else "", name=True)
+        )
+    figures = _report_columns(rows, by)
+    return _fit_table(
+        [*keys, *(figures[name] for name in columns)],
+        width=width,
+        title=title,
+        caption=_REPORT_CAPTION,
+        with_total=len(rows) > 1,
+    )
+
+
+def _runs_table(rows: Sequence[RunRow], *, width: int) -> Table:
+    def cost(row: RunRow) -> str:
+        text = _money(row.cost_usd)
+        return text + (f" [yellow]+{row.unpriced_calls} unpriced[/]" if row.unpriced_calls else "")
+
+    def calls(row: RunRow) -> str:
+        return _count(row.calls) + (
+            f" [red]({row.failed_calls} failed)[/]" if row.failed_calls else ""
+        )
+
+    def tags(row: RunRow) -> str:
+        return _escape(" ".join(f"{key}={value}" for key, value in sorted(row.tags.items())))
+
+    return _fit_table(
+        [
+            _Column("Started", [_when(row.started_at) for row in rows], left=True),
+            _Column(
+                "Agent",
+                [_escape(r.name) if r.is_root else f"[dim]↳[/] {_escape(r.name)}" for r in rows],
+                name=True,
+            ),
+            _Column("Status", [_status(row.status) for row in rows], left=True),
+            _Column("Calls", [calls(row) for row in rows]),
+            _Column("In", [_tokens(row.input_tokens) for row in rows], drop=3),
+            _Column("Out", [_tokens(row.output_tokens) for row in rows], drop=3),
+            _Column("Cost", [cost(row) for row in rows], style="bold"),
+            _Column("Tags", [tags(row) for row in rows], drop=4, name=True),
+            _Column("Run id", [row.id for row in rows], left=True, style="dim"),
+        ],
+        width=width,
+    )
+
+
+def _calls_table(rows: Sequence[CallRow], *, width: int) -> Table:
+    def model(row: CallRow) -> str:
+        if row.requested_model and row.model and row.requested_model != row.model:
+            return f"{_escape(row.requested_model)} [dim]→[/] {_escape(row.model)}"
+        return _escape(row.model or row.requested_model or "(unknown)")
+
+    def status(row: CallRow) -> str:
+        error = f" [dim]{_escape(row.error_type)}[/]" if row.error_type else ""
+        return _status(row.status) + error
+
+    def tokens_in(row: CallRow) -> str:
+        # ~: counted by tokenledger because the provider reported no usage.
+        return _tokens(row.input_tokens) + ("[dim]~[/]" if row.usage_estimated else "")
+
+    return _fit_table(
+        [
+            _Column("Started", [_when(row.started_at) for row in rows], left=True),
+            _Column(
+                "Agent",
+                [_escape(r.agent) if r.agent else "[dim](outside runs)[/]" for r in rows],
+                name=True,
+            ),
+            _Column("Model", [model(row) for row in rows], name=True),
+            _Column(
+                "Operation",
+                [row.operation + (" [dim]stream[/]" if row.streamed else "") for row in rows],
+                drop=3,
+            ),
+            _Column("Status", [status(row) for row in rows], left=True),
+            _Column("In", [tokens_in(row) for row in rows]),
+            _Column(
+                "Cached",
+                [_tokens(r.cache_read_tokens + r.cache_write_tokens) for r in rows],
+                drop=4,
+            ),
+            _Column("Out", [_tokens(row.output_tokens) for row in rows]),
+            _Column("Reasoning", [_tokens(row.reasoning_tokens) for row in rows], drop=5),
+            _Column("Cost", [_money(row.cost_usd) for row in rows], style="bold"),
+            _Column(
+                "Latency",
+                [f"{row.latency_ms:,.0f} ms" if row.latency_ms is not None else "" for row in rows],
+                drop=2,
+            ),
+        ],
+        width=width,
+    )
+
+
+# -------------------------------------------------------------------------- commands
+
+
+@click.group(cls=_LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tokenledger")
+def cli() -> None:
+    """Token accounting for LLM agent loops: see what every run and model costs.
+
+    Every command takes --db URL (default: $TOKENLEDGER_DATABASE_URL, else
+    tokenledger.db in the current directory). Start with `tokenledger demo`.
+    """
+
+
+@cli.command()
+@_db_option
+@click.option(
+    "--runs",
+    "runs",
+    type=click.IntRange(1, 10_000),
+    default=20,
+    show_default=True,
+    help="How many support tickets to run through the demo agent.",
+)
+@click.option("--seed", type=int, default=7, show_default=True, help="Random seed.")
+def demo(db_url: str | None, runs: int, seed: int) -> None:
+    """Record an offline multi-step agent workflow and report what it cost.
+
+    A support-triage agent (planner, retrieval, tool steps with one rate-limited retry,
+    a policy check with reasoning, a researcher sub-agent and a streamed reply) makes
+    real litellm calls answered by mock responses: nothing leaves this machine.
+    """
+    from tokenledger.demo import run_demo
+    from tokenledger.ledger import Ledger
+    from tokenledger.queries import report
+
+    url, path = _resolve_url(db_url)
+    console = _console()
+    with console.status(f"Running {runs} support tickets through litellm (offline)…"):
+        ledger = Ledger(url)
+        try:
+            summary = run_demo(ledger, runs=runs, seed=seed)
+            by_agent = report(
+                ledger.engine, by=("agent",), since=summary.started_at, root_only=False
+            )
+            by_model = report(ledger.engine, by=("model",), since=summary.started_at)
+        finally:
+            ledger.close()
+    console.print(
+        f"Recorded [bold]{summary.runs}[/] support-triage runs and "
+        f"[bold]{summary.sub_runs}[/] researcher sub-runs, offline."
+    )
+    retried = f", {summary.failed_calls} failed and retried" if summary.failed_calls else ""
+    console.print(
+        f"[bold]{summary.calls}[/] model calls{retried}: "
+        f"[bold green]{_money(summary.cost_usd)}[/] in all, "
+        f"[bold green]{_money(summary.cost_usd / summary.runs)}[/] per run."
+    )
+    console.print()
+    console.print(
+        report_table(
+            by_agent,
+            ("agent",),
+            title="By agent (each call counted once, in the agent that made it)",
+            columns=("runs", "calls", "in", "cached", "out", "cost", "per_run"),
+            width=console.width,
+        )
+    )
+    console.print()
+    console.print(
+        report_table(
+            by_model,
+            ("model",),
+            title="By model",
+            columns=("calls", "in", "cached", "out", "reasoning", "cost"),
+            width=console.width,
+        )
+    )
+    console.print()
+    where = path or ledger.url
+    console.print(f"Ledger: [bold]{where}[/]")
+    db_flag = f" --db {ledger.url}" if db_url else ""
+    console.print("Explore it:")
+    for command in (
+        "runs --root-only",
+        "report --by agent,model",
+        f"calls --run {summary.run_ids[0]}",
+    ):
+        console.print(f"  [cyan]tokenledger {command}{db_flag}[/]", soft_wrap=True)
+
+
+@cli.command()
+@_db_option
+def path(db_url: str | None) -> None:
+    """Print where the ledger is: the SQLite file, or the database URL (password hidden).
+
+    Open it with other tools: sqlite3 "$(tokenledger path)".
+    """
+    from tokenledger.storage import redact_url
+
+    url, file = _resolve_url(db_url)
+    click.echo(file if file is not None else redact_url(url))
+    if file is not None and not os.path.exists(file):
+        _say("(The file does not exist yet: it is created on first use.)", err=True)
+
+
+@cli.command("runs")
+@_db_option
+@_limit_option
+@click.option("--agent", metavar="NAME", help="Only runs of this agent.")
+@click.option("--since", metavar="WHEN", help=_SINCE_HELP)
+@click.option("--root-only", is_flag=True, help="Only root runs, not sub-agent runs.")
+@_json_option
+def runs_command(
+    *,
+    db_url: str | None,
+    limit: int,
+    agent: str | None,
+    since: str | None,
+    root_only: bool,
+    as_json: bool,
+) -> None:
+    """List runs, newest first. A run's totals include its sub-agents' calls."""
+    from tokenledger.queries import list_runs
+
+    start = _since_value(since)
+    rows, empty = _read(
+        db_url,
+        lambda engine: list_runs(
+            engine, limit=limit, agent=agent, since=start, root_only=root_only
+        ),
+    )
+    if as_json:
+        _print_json(rows)
+    elif rows:
+        console = _console()
+        console.print(_runs_table(rows, width=console.width))
+    else:
+        _say(_EMPTY if empty else "No runs match these filters.")
+
+
+@cli.command("calls")
+@_db_option
+@_limit_option
+@click.option("--run", "run_id", metavar="ID", help="Only calls of this run and its sub-runs.")
+@click.option("-m", "--model", metavar="MODEL", help="Only calls to this model.")
+@click.option("--since", metavar="WHEN", help=_SINCE_HELP)
+@_json_option
+def calls_command(
+    *,
+    db_url: str | None,
+    limit: int,
+    run_id: str | None,
+    model: str | None,
+    since: str | None,
+    as_json: bool,
+) -> None:
+    """List model calls, newest first (each retry and fallback is its own call)."""
+    from tokenledger.queries import list_calls
+
+    start = _since_value(since)
+    rows, empty = _read(
+        db_url,
+        lambda engine: list_calls(engine, limit=limit, run_id=run_id, model=model, since=start),
+    )
+    if as_json:
+        _print_json(rows)
+    elif rows:
+        console = _console()
+        console.print(_calls_table(rows, width=console.width))
+    else:
+        _say(_EMPTY if empty else "No calls match these filters.")
+
+
+@cli.command("report")
+@_db_option
+@click.option(
+    "--by",
+    "by",
+    default="agent",
+    show_default=True,
+    metavar="DIMS",
+    help="Group by one or more of agent, model, provider, status, day (comma-separated).",
+)
+@click.option("--since", metavar="WHEN", help=_SINCE_HELP)
+@click.option(
+    "--sub-agents",
+    is_flag=True,
+    help="Count each call in the run that made it, so sub-agents get rows of their own "
+    "(default: in its root run, so an agent's cost includes its sub-agents').",
+)
+@_json_option
+def report_command(
+    *, db_url: str | None, by: str, since: str | None, sub_agents: bool, as_json: bool
+) -> None:
+    """Cost and tokens grouped by agent, model, provider, run status or day.
+
+    Sums model calls, each counted once, so rows add up to the total however you group.
+    """
+    from tokenledger.queries import REPORT_DIMENSIONS, parse_report_by, report
+
+    try:
+        dimensions = parse_report_by(by)
+    except ConfigurationError as exc:
+        raise click.BadParameter(
+            f"{by!r} is not a list of report dimensions; use one or more of "
+            f"{', '.join(REPORT_DIMENSIONS)}, separated by commas (for example agent,model).",
+            param_hint="'--by'",
+        ) from exc
+    start = _since_value(since)
+    rows, empty = _read(
+        db_url,
+        lambda engine: report(engine, by=dimensions, since=start, root_only=not sub_agents),
+    )
+    if as_json:
+        _print_json(rows)
+    elif rows:
+        title = "Cost by " + ", ".join(dimensions)
+        if since is not None:
+            title += f" since {since}"
+        console = _console()
+        console.print(report_table(rows, dimensions, title=title, width=console.width))
+    else:
+        _say(_EMPTY if empty else "No runs match these filters.")
+
+
+@cli.command()
+@_db_option
+@_json_option
+def status(db_url: str | None, as_json: bool) -> None:
+    """Where the ledger is, its schema revision, and what it holds."""
+    from tokenledger import schema
+    from tokenledger.queries import counts
+    from tokenledger.storage import redact_url
+
+    url, path = _resolve_url(db_url)
+    if path is not None and not os.path.exists(path):
+        _missing_file(path)
+    engine = _engine(url)
+    problem = None
+    try:
+        revision = schema.current_revision(engine)
+        head = schema.head_revision()
+        held = counts(engine) if revision == head else None
+        if revision is not None and revision != head:
+            try:
+                schema.ensure_schema(engine)  # at a revision, this only checks
+            except SchemaVersionError as exc:
+                problem = str(exc)  # says whether to upgrade the ledger or the package
+    finally:
+        engine.dispose()
+    info: dict[str, Any] = {
+        "url": redact_url(url),
+        "path": path,
+        "revision": revision,
+        "head_revision": head,
+        "up_to_date": revision == head,
+        "problem": problem,
+    }
+    if held is not None:
+        info.update(
+            runs=held.runs,
+            root_runs=held.root_runs,
+            calls=held.calls,
+            failed_calls=held.failed_calls,
+            unpriced_calls=held.unpriced_calls,
+            cost_usd=held.cost_usd,
+            first_call_at=held.first_call_at,
+            last_call_at=held.last_call_at,
+        )
+    if as_json:
+        _print_json(info)
+        return
+    lines = [("Ledger", path or redact_url(url))]
+    if revision == head:
+        lines.append(("Schema", f"{revision} (up to date)"))
+    elif revision is None:
+        lines.append(
+            ("Schema", f"none yet: created on first write or by `tokenledger db upgrade` ({head})")
+        )
+    else:
+        lines.append(("Schema", f"{revision}, not usable here. {problem or ''}".strip()))
+    if held is not None:
+        lines += [
+            ("Runs", f"{held.runs:,} ({held.root_runs:,} root runs)"),
+            (
+                "Calls",
+                f"{held.calls:,} ({held.failed_calls:,} failed, {held.unpriced_calls:,} unpriced)",
+            ),
+            ("Cost", _money(held.cost_usd)),
+            ("Last call", _when(held.last_call_at) or "none yet"),
+        ]
+    for label, value in lines:
+        _say(f"{label + ':':<11}{value}")
+    if held is not None and held.runs == 0 and held.calls == 0:
+        _say(_EMPTY)
+
+
+# ------------------------------------------------------------------------ migrations
+
+
+@cli.group()
+def db() -> None:
+    """Create, upgrade, downgrade or inspect the ledger's schema (Alembic migrations)."""
+
+
+def _revision_text(revision: str | None) -> str:
+    return revision if revision is not None else "none (empty)"
+
+
+def _migrate(db_url: str | None, action: str, revision: str) -> None:
+    from tokenledger import schema
+    from tokenledger.storage import redact_url
+
+    url, path = _resolve_url(db_url)
+    if action != "upgrade" and path is not None and not os.path.exists(path):
+        _missing_file(path)
+    engine = _engine(url)
+    try:
+        before = schema.current_revision(engine)
+        getattr(schema, action)(engine, revision)
+        after = schema.current_revision(engine)
+    finally:
+        engine.dispose()
+    where = path or redact_url(url)
+    if before == after:
+        _say(f"The ledger {where} is already at revision {_revision_text(after)}.")
+    else:
+        verb = {"upgrade": "Upgraded", "downgrade": "Downgraded", "stamp": "Stamped"}[action]
+        _say(f"{verb} the ledger {where} from {_revision_text(before)} to {_revision_text(after)}.")
+
+
+@db.command("upgrade")
+@_db_option
+@click.option("--revision", default="head", show_default=True, help="Target revision.")
+def db_upgrade(db_url: str | None, revision: str) -> None:
+    """Migrate the ledger up (creating it if needed). Safe to run from several hosts."""
+    _migrate(db_url, "upgrade", revision)
+
+
+@db.command("downgrade")
+@_db_option
+@click.option("--revision", required=True, help="Target revision; `base` drops every ledger table.")
+def db_downgrade(db_url: str | None, revision: str) -> None:
+    """Migrate the ledger down to an older revision."""
+    _migrate(db_url, "downgrade", revision)
+
+
+@db.command("stamp")
+@click.argument("revision")
+@_db_option
+def db_stamp(revision: str, db_url: str | None) -> None:
+    """Record REVISION as the ledger's schema revision without migrating anything.
+
+    For a ledger whose tables tokenledger created but whose revision record was lost.
+    """
+    _migrate(db_url, "stamp", revision)
+
+
+@db.command("current")
+@_db_option
+def db_current(db_url: str | None) -> None:
+    """Print the ledger's schema revision and the one this tokenledger needs."""
+    from tokenledger import schema
+
+    url, path = _resolve_url(db_url)
+    if path is not None and not os.path.exists(path):
+        _missing_file(path)
+    engine = _engine(url)
+    try:
+        revision = schema.current_revision(engine)
+    finally:
+        engine.dispose()
+    head = schema.head_revision()
+    note = "up to date" if revision == head else "run `tokenledger db upgrade`"
+    _say(f"current: {_revision_text(revision)}\nhead:    {head} ({note})")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``tokenledger`` console script."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="tokenledger")
