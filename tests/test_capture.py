@@ -419,3 +419,55 @@ def test_module_level_configure_captures_calls(db_url: str) -> None:
         assert runs_by_name(ledger)["configured"]["id"] == call["run_id"]
     finally:
         ledger.close()
+
+
+def test_a_cost_reported_by_the_provider_is_stored_with_its_source(ledger: Ledger) -> None:
+    """OpenRouter bills per call and says so in `usage.cost`; that figure wins."""
+    reply = mock_response(model="openai/gpt-4o-mini", prompt_tokens=100, completion_tokens=50)
+    reply.usage.cost = 0.00042
+    with ledger.run("openrouter"):
+        litellm.completion(
+            model="openrouter/openai/gpt-4o-mini", messages=MESSAGES, mock_response=reply
+        )
+    call = only_call(ledger)
+    assert ("openrouter", Decimal("0.00042"), "provider", 100) == (
+        call["provider"],
+        call["cost_usd"],
+        call["cost_source"],
+        call["input_tokens"],
+    )
+
+
+def test_litellm_is_told_to_use_its_bundled_price_map() -> None:
+    code = (
+        "import os; os.environ.pop('LITELLM_LOCAL_MODEL_COST_MAP', None)\n"
+        "import tokenledger\n"
+        "print(os.environ.get('LITELLM_LOCAL_MODEL_COST_MAP'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert "True" == out
+
+
+def test_configure_with_an_otlp_endpoint_sets_up_the_sdk_or_says_what_to_install(
+    tmp_path: Any,
+) -> None:
+    code = (
+        "import tokenledger as tl\n"
+        "from opentelemetry import trace\n"
+        "try:\n"
+        f"    tl.configure('sqlite:///{tmp_path / 'l.db'}', otlp_endpoint='http://127.0.0.1:1')\n"
+        "except ModuleNotFoundError as exc:\n"
+        "    print('missing', exc)\n"
+        "else:\n"
+        "    print('sdk', type(trace.get_tracer_provider()).__module__)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out in (
+        "sdk opentelemetry.sdk.trace",
+        "missing Exporting to OTLP needs the OpenTelemetry SDK and exporter: "
+        "pip install 'tokenledger[otel]'",
+    ), out
