@@ -13,11 +13,10 @@ Importing this package does not import litellm or any provider SDK.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, TypeVar, overload
-
 import os as _os
 import sys as _sys
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec, TypeVar, overload
 
 from tokenledger._version import __version__
 
@@ -26,6 +25,7 @@ if "litellm" not in _sys.modules:
     # when offline. tokenledger prices from the map bundled with the installed litellm,
     # so ask litellm to use that one too, unless the user has said otherwise.
     _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 from tokenledger.budgets import Budget, BudgetStatus, BudgetWarning
 from tokenledger.exceptions import (
     BudgetExceeded,
