@@ -62,7 +62,7 @@ class BudgetStore:
             # Reservations take the write lock up front (BEGIN IMMEDIATE) so the checks
             # and updates of several budgets happen as one serialised step across
             # processes; a separate engine keeps that away from the writer and readers.
-            self.engine = sa.create_engine(engine.url, poolclass=sa.pool.NullPool)
+            self.engine = sa.create_engine(engine.url, pool_size=8, max_overflow=32)
             self._sqlite_setup(self.engine)
         else:
             self.engine = engine

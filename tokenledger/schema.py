@@ -12,6 +12,7 @@ import contextlib
 import sys
 from collections.abc import Iterator
 from importlib.resources import as_file, files
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -56,7 +57,15 @@ def _migrations_location() -> Traversable:
     # files() finds the scripts wherever the package is: a wheel install, an editable
     # install (package-dir maps tokenledger.migrations to ./migrations) or a checkout.
     # A function, so a test can point it at a copy with an extra revision.
-    return files("tokenledger.migrations")
+    try:
+        return files("tokenledger.migrations")
+    except ModuleNotFoundError:
+        # Imported straight from a source checkout (its root on sys.path, nothing
+        # installed): the scripts sit beside the package, in ./migrations.
+        checkout = Path(__file__).resolve().parent.parent / "migrations"
+        if (checkout / "env.py").is_file():
+            return checkout
+        raise
 
 
 @contextlib.contextmanager

@@ -54,6 +54,7 @@ class Telemetry:
         self._cost = meter.create_counter(
             sc.METRIC_COST, unit="USD", description="Cost of model calls, in US dollars."
         )
+        self._metric_attrs: dict[tuple[str, str | None, str | None], tuple[Any, Any, Any]] = {}
 
     # -- runs ---------------------------------------------------------------------------
     def start_run_span(
@@ -103,6 +104,10 @@ class Telemetry:
         self, call: CallRecord, parent: trace.Span | None, start_ns: int, end_ns: int
     ) -> tuple[str | None, str | None]:
         """Emit the CLIENT span of a finished call; return its (trace id, span id)."""
+        if parent is not None and not parent.is_recording():
+            # The run's span was not recorded (no SDK, or sampled out): a child would
+            # not be either, so skip building one — the hot path's cheapest case.
+            return None, None
         try:
             context = trace.set_span_in_context(parent) if parent is not None else None
             span = self.tracer.start_span(
@@ -123,17 +128,26 @@ class Telemetry:
 
     def record_metrics(self, call: CallRecord) -> None:
         try:
-            base = {
-                sc.GEN_AI_OPERATION_NAME: call.operation,
-                sc.GEN_AI_PROVIDER_NAME: call.provider or "unknown",
-                sc.GEN_AI_REQUEST_MODEL: call.requested_model or "unknown",
-            }
-            if call.input_tokens:
-                self._token_usage.record(call.input_tokens, {**base, sc.GEN_AI_TOKEN_TYPE: "input"})
-            if call.output_tokens:
-                self._token_usage.record(
-                    call.output_tokens, {**base, sc.GEN_AI_TOKEN_TYPE: "output"}
+            key = (call.operation, call.provider, call.requested_model)
+            attrs = self._metric_attrs.get(key)
+            if attrs is None:
+                base = {
+                    sc.GEN_AI_OPERATION_NAME: call.operation,
+                    sc.GEN_AI_PROVIDER_NAME: call.provider or "unknown",
+                    sc.GEN_AI_REQUEST_MODEL: call.requested_model or "unknown",
+                }
+                attrs = (
+                    base,
+                    {**base, sc.GEN_AI_TOKEN_TYPE: "input"},
+                    {**base, sc.GEN_AI_TOKEN_TYPE: "output"},
                 )
+                if len(self._metric_attrs) < 10_000:  # bounded: model names come from users
+                    self._metric_attrs[key] = attrs
+            base, input_attrs, output_attrs = attrs
+            if call.input_tokens:
+                self._token_usage.record(call.input_tokens, input_attrs)
+            if call.output_tokens:
+                self._token_usage.record(call.output_tokens, output_attrs)
             if call.latency_ms is not None:
                 self._duration.record(call.latency_ms / 1000.0, base)
             if call.cost_usd is not None:
