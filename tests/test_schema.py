@@ -62,6 +62,9 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
         ("unpriced_calls", "integer", False),
         ("trace_id", "string", True),
         ("span_id", "string", True),
+        ("outcome", "string", True),
+        ("outcome_value", "numeric", True),
+        ("outcome_at", "datetime", True),
     ],
     "calls": [
         ("id", "string", False),
@@ -91,6 +94,7 @@ EXPECTED_COLUMNS: dict[str, list[tuple[str, str, bool]]] = {
         ("trace_id", "string", True),
         ("span_id", "string", True),
         ("max_tokens", "integer", True),
+        ("tool_name", "string", True),
     ],
     "budgets": [
         ("id", "string", False),
@@ -130,6 +134,7 @@ EXPECTED_INDEXES = {
         "ix_runs_root_id": ["root_id"],
         "ix_runs_parent_id": ["parent_id"],
         "ix_runs_started_at": ["started_at"],
+        "ix_runs_outcome": ["outcome"],
     },
     "calls": {
         "ix_calls_run_id": ["run_id"],
@@ -150,6 +155,7 @@ EXPECTED_MONEY = {
     ("prices", "cache_write_per_token"): (30, 18),
     ("prices", "reasoning_per_token"): (30, 18),
     ("runs", "cost_usd"): (24, 12),
+    ("runs", "outcome_value"): (24, 12),
     ("calls", "cost_usd"): (24, 12),
     ("budgets", "limit_usd"): (24, 12),
     ("budget_windows", "spent_usd"): (24, 12),
@@ -409,6 +415,8 @@ def test_upgrading_a_filled_ledger_keeps_every_row(engine: sa.Engine) -> None:
 
 def test_each_revision_downgrades_cleanly(engine: sa.Engine) -> None:
     schema.upgrade(engine)
+    schema.downgrade(engine, "0002")
+    assert "outcome" not in {c["name"] for c in sa.inspect(engine).get_columns("runs")}
     schema.downgrade(engine, "0001")
     assert "budgets" not in table_names(engine)
     assert {"prices", "runs", "calls"} <= table_names(engine)
@@ -709,5 +717,6 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (location / "versions" / "0001_initial.py").is_file()
     assert (location / "env.py").is_file()
     assert (location / "versions" / "0002_budgets.py").is_file()
-    assert "0002" == schema.head_revision()
+    assert (location / "versions" / "0003_outcomes_and_tools.py").is_file()
+    assert "0003" == schema.head_revision()
     assert os.path.basename(location) == "migrations"

@@ -87,6 +87,7 @@ def agent(
     *,
     tags: Mapping[str, object] | None = None,
     budget: Any = None,
+    outcome: Callable[[Any], Any] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
 
@@ -96,21 +97,23 @@ def agent(
     *,
     tags: Mapping[str, object] | None = None,
     budget: Any = None,
+    outcome: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Decorate an agent function; each call is a run on the default ledger.
 
     The default ledger is looked up when the function is called, not when it is
     decorated, so ``tokenledger.configure(...)`` may come after the decorator.
     """
-    from tokenledger.ledger import _check_name
+    from tokenledger.ledger import _check_name, _check_run_budget
     from tokenledger.runs import make_agent_decorator, validate_tags
 
     if callable(name):
         return make_agent_decorator(default_ledger, None, {}, None)(name)
     if name is not None:
         _check_name(name)
+    _check_run_budget(budget, where=f"agent `{name}`")
     clean = validate_tags(tags, where=f"agent `{name}`")
-    return make_agent_decorator(default_ledger, name, clean, budget)
+    return make_agent_decorator(default_ledger, name, clean, budget, outcome)
 
 
 def flush(timeout: float | None = 10.0) -> bool:

@@ -157,6 +157,7 @@ class Ledger:
         *,
         tags: Mapping[str, object] | None = None,
         budget: Any = None,
+        outcome: Callable[[Any], Any] | None = None,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
     def agent(
@@ -166,20 +167,27 @@ class Ledger:
         *,
         tags: Mapping[str, object] | None = None,
         budget: Any = None,
+        outcome: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Decorate an agent function so each call of it is one run.
 
         Sync, async, generator and async-generator functions are supported; the
         decorated function keeps its signature. ``name`` defaults to the function's
-        qualified name. .. versionadded:: 0.1.0
+        qualified name. ``outcome`` maps the return value to an outcome label, or to a
+        ``(label, value)`` pair, or to None for no outcome. .. versionadded:: 0.1.0
         """
         if callable(name):
             return make_agent_decorator(lambda: self, None, {}, None)(name)
         if name is not None:
             _check_name(name)
         _check_run_budget(budget, where=f"agent `{name}`")
+        if outcome is not None and not callable(outcome):
+            raise ConfigurationError(
+                f"`outcome` of agent `{name}` is {outcome!r}; give a function of the return "
+                "value, e.g. outcome=lambda r: 'resolved' if r.ok else None."
+            )
         clean = validate_tags(tags, where=f"agent `{name}`")
-        return make_agent_decorator(lambda: self, name, clean, budget)
+        return make_agent_decorator(lambda: self, name, clean, budget, outcome)
 
     @staticmethod
     def current_run() -> Run | None:
@@ -250,6 +258,64 @@ class Ledger:
         from tokenledger.budgets import parse_scope
 
         return self._budgets.store.remove(parse_scope(scope), per)
+
+    # -- outcomes -----------------------------------------------------------------------
+    def set_outcome(self, run_id: str, label: str, value: Any = None) -> None:
+        """Record a run's outcome after the fact, from any process — outcomes are often
+        known hours later (the user accepted the answer, the ticket closed).
+
+        Raises `ConfigurationError` when no run has that id. .. versionadded:: 0.1.0
+        """
+        import sqlalchemy as sa
+
+        from tokenledger.runs import parse_outcome
+        from tokenledger.storage import runs
+
+        label, amount = parse_outcome(label, value)
+        self.flush()  # the run may still be in this process's buffer
+        with self._engine.begin() as conn:
+            updated = conn.execute(
+                sa.update(runs)
+                .where(runs.c.id == run_id)
+                .values(outcome=label, outcome_value=amount, outcome_at=utcnow())
+            ).rowcount
+        if updated != 1:
+            raise ConfigurationError(
+                f"No run with id {run_id!r} is in the ledger at {self.url}; check the id "
+                "(`tokenledger runs` lists them)."
+            )
+
+    def _record_charge(self, run: Run, name: str, usd: Any) -> CallRecord:
+        from tokenledger.capture import PendingCall
+        from tokenledger.runs import parse_usd_amount
+
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise ConfigurationError(
+                f"Charge name {name!r} is invalid; name the tool or resource in at most 200 "
+                "characters, e.g. 'web_search'."
+            )
+        amount = parse_usd_amount(usd, what=f"Charge `{name}` has `usd`")
+        if amount is None:
+            raise ConfigurationError(
+                f'Charge `{name}` has no `usd`; give its cost, e.g. usd="0.005".'
+            )
+        call = CallRecord(
+            id=new_id(),
+            run_id=run.id,
+            root_run_id=run.root_id,
+            operation="execute_tool",
+            provider=None,
+            requested_model=None,
+            model=None,
+            started_at=utcnow(),
+            tool_name=name,
+            cost_usd=amount,
+            cost_source="charge",
+        )
+        pending = PendingCall(self, run, call)
+        pending.claim()
+        pending.finish(status="ok", usage=None, model=None)
+        return call
 
     # -- low-level recording ------------------------------------------------------------
     def record_call(
@@ -352,6 +418,8 @@ class Ledger:
 
     def _price(self, pending: PendingCall, provider_cost: Any) -> None:
         call = pending.call
+        if call.cost_source == "charge":
+            return  # a tool charge carries its own cost
         if provider_cost is not None and _trusts_provider_cost(pending.provider, provider_cost):
             from tokenledger.usage import provider_cost as parse_provider_cost
 

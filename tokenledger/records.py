@@ -28,7 +28,7 @@ __all__ = [
 
 RunStatus = Literal["running", "ok", "error", "budget_exceeded"]
 CallStatus = Literal["ok", "error", "abandoned", "refused"]
-CostSource = Literal["local", "provider"]
+CostSource = Literal["local", "provider", "charge"]
 
 
 class _IdSource:
@@ -159,6 +159,7 @@ class CallRecord:
     trace_id: str | None = None  # 32 hex digits, or None when no span was recording
     span_id: str | None = None  # 16 hex digits
     max_tokens: int | None = None
+    tool_name: str | None = None  # execute_tool rows: the tool or resource charged
 
     @property
     def usage(self) -> TokenUsage:
@@ -210,6 +211,9 @@ class RunRecord:
     unpriced_calls: int = 0
     trace_id: str | None = None
     span_id: str | None = None
+    outcome: str | None = None
+    outcome_value: Decimal | None = None
+    outcome_at: dt.datetime | None = None
 
     def as_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

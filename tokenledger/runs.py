@@ -64,6 +64,38 @@ def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
     return bound
 
 
+MAX_OUTCOME_LENGTH = 200
+
+
+def parse_outcome(label: object, value: object) -> tuple[str, Decimal | None]:
+    """Check an outcome label and its optional USD value."""
+    if not isinstance(label, str) or not label.strip() or len(label) > MAX_OUTCOME_LENGTH:
+        raise ConfigurationError(
+            f"Outcome {label!r} is invalid; an outcome must be a non-empty string of at most "
+            f"{MAX_OUTCOME_LENGTH} characters, e.g. 'resolved'."
+        )
+    return label, parse_usd_amount(value, what=f"Outcome `{label}` has `value`")
+
+
+def parse_usd_amount(value: object, *, what: str) -> Decimal | None:
+    """An optional amount of US dollars given as str, int or Decimal."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, float)) or not isinstance(value, (str, int, Decimal)):
+        raise ConfigurationError(
+            f'{what}={value!r}; give an amount of US dollars as a string or Decimal, e.g. "4.00".'
+        )
+    try:
+        amount = Decimal(str(value).strip())
+    except ArithmeticError:
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount < 0 or amount > Decimal("1000000000"):
+        raise ConfigurationError(
+            f"{what}={value!r}; it must be an amount of US dollars from 0 to 1,000,000,000."
+        )
+    return amount
+
+
 def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str, str]:
     """Check tag keys and values; values are stored as strings."""
     if tags is None:
@@ -266,6 +298,33 @@ class Run:
     def mark_budget_exceeded(self) -> None:
         self.record.status = "budget_exceeded"
 
+    # -- outcomes and other costs ------------------------------------------------------
+    def outcome(self, label: str, value: object = None) -> None:
+        """Record what this run achieved, and optionally what that is worth in USD.
+
+        ``run.outcome("resolved", value="4.00")``. Cost per outcome divides the cost of
+        every run of an agent by its successes. Setting it again replaces it; it can
+        also be set later, from any process, with `Ledger.set_outcome`.
+        .. versionadded:: 0.1.0
+        """
+        label, amount = parse_outcome(label, value)
+        with self._lock:
+            self.record.outcome = label
+            self.record.outcome_value = amount
+            self.record.outcome_at = utcnow()
+            ended = self._ended
+            snapshot = self.snapshot() if ended else None
+        if snapshot is not None:
+            self.ledger._put_run(snapshot)
+
+    def charge(self, name: str, *, usd: object) -> CallRecord:
+        """Record a cost that is not a model call — a search API, a paid tool, a
+        GPU-second — as an ``execute_tool`` row of this run, counted in its totals.
+
+        ``run.charge("web_search", usd="0.005")``. .. versionadded:: 0.1.0
+        """
+        return self.ledger._record_charge(self, name, usd)
+
     def __repr__(self) -> str:
         return (
             f"<Run {self.name!r} id={self.id} status={self.status} calls={self.calls} "
@@ -325,17 +384,37 @@ class RunContext:
         self.__exit__(exc_type, exc, tb)
 
 
+def _apply_outcome(run: Run, outcome: Callable[[Any], Any] | None, result: Any) -> None:
+    if outcome is None:
+        return
+    mapped = outcome(result)
+    if mapped is None:
+        return
+    if isinstance(mapped, tuple):
+        run.outcome(*mapped)
+    else:
+        run.outcome(mapped)
+
+
 def make_agent_decorator(
     ledger_getter: Callable[[], Ledger],
     name: str | None,
     tags: dict[str, str],
     budget: Any,
+    outcome: Callable[[Any], Any] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Build the ``@agent(...)`` decorator for sync, async, generator and async-generator
     functions. The wrapped function keeps its name, docstring and signature."""
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         run_name = name or fn.__qualname__
+        if outcome is not None and (
+            inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+        ):
+            raise ConfigurationError(
+                f"`outcome=` on agent `{run_name}` needs a function that returns a value; "
+                "a generator agent can call tokenledger.current_run().outcome(...) instead."
+            )
 
         def new_context() -> RunContext:
             return RunContext(ledger_getter(), run_name, tags, budget)
@@ -437,15 +516,19 @@ def make_agent_decorator(
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                with new_context():
-                    return await coro_fn(*args, **kwargs)
+                with new_context() as run:
+                    result = await coro_fn(*args, **kwargs)
+                    _apply_outcome(run, outcome, result)
+                    return result
 
             return cast(Callable[P, R], async_wrapper)
 
         @functools.wraps(fn)
         def sync_wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            with new_context():
-                return fn(*args, **kwargs)
+            with new_context() as run:
+                result = fn(*args, **kwargs)
+                _apply_outcome(run, outcome, result)
+                return result
 
         return sync_wrapper
 

@@ -111,7 +111,7 @@ class Telemetry:
         try:
             context = trace.set_span_in_context(parent) if parent is not None else None
             span = self.tracer.start_span(
-                f"{call.operation} {call.requested_model}",
+                f"{call.operation} {call.tool_name or call.requested_model}",
                 context=context,
                 kind=SpanKind.CLIENT,
                 start_time=start_ns,
@@ -175,6 +175,8 @@ def _call_attributes(call: CallRecord) -> dict[str, Any]:
         attributes[sc.GEN_AI_REQUEST_MODEL] = call.requested_model
     if call.model:
         attributes[sc.GEN_AI_RESPONSE_MODEL] = call.model
+    if call.tool_name:
+        attributes[sc.GEN_AI_TOOL_NAME] = call.tool_name
     if call.max_tokens is not None:
         attributes[sc.GEN_AI_REQUEST_MAX_TOKENS] = call.max_tokens
     if call.finish_reasons:

@@ -402,10 +402,29 @@ runs = sa.Table(
         nullable=True,
         comment="OpenTelemetry span id of the run's span.",
     ),
+    sa.Column(
+        "outcome",
+        sa.String(200),
+        nullable=True,
+        comment="What the run achieved (resolved, escalated, ...): cost per outcome.",
+    ),
+    sa.Column(
+        "outcome_value",
+        Money(24, 12),
+        nullable=True,
+        comment="What the outcome is worth in USD, for margins; NULL when unknown.",
+    ),
+    sa.Column(
+        "outcome_at",
+        UTCDateTime(),
+        nullable=True,
+        comment="When the outcome was recorded (often hours after the run).",
+    ),
     sa.Index(None, "name", "started_at"),  # cost per agent over time
     sa.Index(None, "root_id"),  # roll a tree up to its root
     sa.Index(None, "parent_id"),  # a run's children
     sa.Index(None, "started_at"),  # everything in a time window
+    sa.Index(None, "outcome"),  # cost per outcome
     comment="One row per agent run; totals roll up every descendant run's calls.",
 )
 
@@ -540,6 +559,12 @@ calls = sa.Table(
         _TOKEN_COUNT,
         nullable=True,
         comment="The call's max_tokens: with it a budget reservation is a true upper bound.",
+    ),
+    sa.Column(
+        "tool_name",
+        sa.String(200),
+        nullable=True,
+        comment="For execute_tool rows: the paid tool or resource that was charged.",
     ),
     sa.Index(None, "run_id"),  # a run's calls
     sa.Index(None, "root_run_id"),  # a run tree's calls

@@ -118,6 +118,9 @@ def _is_refused_row(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.StatementError)
 
 
+_OUTCOME_COLUMNS = frozenset({"outcome", "outcome_value", "outcome_at"})
+
+
 def _insert_function(dialect: str) -> Any:
     if dialect == "sqlite":
         return sqlite.insert
@@ -182,7 +185,16 @@ class BatchWriter:
         run_state = [col.name for col in storage.runs.c if col.name != "id"]
         self._upsert_runs = upsert_runs.on_conflict_do_update(
             index_elements=["id"],
-            set_={name: upsert_runs.excluded[name] for name in run_state},
+            set_={
+                name: (
+                    # An outcome may be set later, by another process (set_outcome):
+                    # a re-written run row never erases it.
+                    sa.func.coalesce(upsert_runs.excluded[name], storage.runs.c[name])
+                    if name in _OUTCOME_COLUMNS
+                    else upsert_runs.excluded[name]
+                )
+                for name in run_state
+            },
         )
         self._insert_calls = insert(storage.calls).on_conflict_do_nothing(index_elements=["id"])
 
