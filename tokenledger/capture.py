@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from tokenledger.ledger import Ledger
     from tokenledger.runs import Run
 
-__all__ = ["PendingCall", "install", "installed", "uninstall"]
+__all__ = ["PendingCall", "abegin_call", "begin_call", "install", "installed", "uninstall"]
 
 logger = logging.getLogger("tokenledger")
 
@@ -106,6 +106,7 @@ class PendingCall:
         "ledger",
         "max_attempts",
         "provider",
+        "request",
         "reservation",
         "run",
         "start_ns",
@@ -128,6 +129,7 @@ class PendingCall:
         self.attempts = 0
         self.failures_seen: list[int] = []
         self.deferred = False  # an async call's reservation waits for the async hook
+        self.request: dict[str, Any] = {}  # integrations: the request body given to begin_call
         self.downgraded_to: str | None = None
 
     def __copy__(self) -> PendingCall:
@@ -135,6 +137,77 @@ class PendingCall:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PendingCall:
         return self
+
+    @property
+    def model_to_send(self) -> str | None:
+        """The model the request must use: the requested one, or the cheaper model a
+        ``downgrade`` budget chose."""
+        return self.downgraded_to or self.call.requested_model
+
+    def succeed(
+        self,
+        usage: Any,
+        *,
+        model: str | None = None,
+        finish_reasons: list[str] | None = None,
+        estimated: bool = False,
+        provider_cost: Any = None,
+    ) -> None:
+        """Record the call as done. ``usage`` is the provider's usage object or dict (any
+        shape `tokenledger.usage.usage_from_response` reads) or a `TokenUsage`; an
+        unreadable one is logged and the call recorded with unknown usage."""
+        if not self.claim():
+            return
+        from tokenledger.usage import usage_from_response
+
+        parsed: TokenUsage | None
+        try:
+            parsed = usage_from_response(usage)
+        except UsageError as exc:
+            logger.warning("tokenledger recorded a call with unknown usage: %s", exc)
+            parsed, estimated = None, True
+        self.finish(
+            status="ok",
+            usage=parsed,
+            model=model,
+            estimated=estimated,
+            finish_reasons=finish_reasons,
+            provider_cost=provider_cost,
+        )
+
+    def fail(self, exception: BaseException | None, *, usage: Any = None) -> None:
+        """Record the call as failed (a partial usage, e.g. of a broken stream, may be
+        given); releases its budget reservation."""
+        if not self.claim():
+            return
+        parsed = None
+        if usage is not None:
+            from tokenledger.usage import usage_from_response
+
+            try:
+                parsed = usage_from_response(usage)
+            except UsageError:
+                parsed = None
+        self.finish(
+            status="error",
+            usage=parsed,
+            model=None,
+            error_type=type(exception).__name__ if exception is not None else "UnknownError",
+        )
+
+    def abandon(self, usage: Any = None) -> None:
+        """Record a stream its caller stopped reading."""
+        if not self.claim():
+            return
+        parsed = None
+        if usage is not None:
+            from tokenledger.usage import usage_from_response
+
+            try:
+                parsed = usage_from_response(usage)
+            except UsageError:
+                parsed = None
+        self.finish(status="abandoned", usage=parsed, model=None, estimated=True)
 
     def claim(self) -> bool:
         """True exactly once: the first outcome wins, duplicates are dropped."""
@@ -275,6 +348,77 @@ def _start_pending(
     )
     pending = PendingCall(ledger, run, call)
     pending.kwargs_messages = kwargs.get("messages")
+    return pending
+
+
+# -- the shared entry point for integrations ------------------------------------------
+
+
+def begin_call(
+    *,
+    operation: str,
+    model: str | None,
+    provider: str | None,
+    request: dict[str, Any] | None = None,
+    max_tokens: int | None = None,
+    stream: bool = False,
+) -> PendingCall | None:
+    """Start recording a model call made by a client other than litellm.
+
+    The one mechanism every integration uses, so their calls get the same rows, spans,
+    prices and budget enforcement as captured litellm calls. Call it BEFORE the request
+    is sent: it reserves the call's estimated cost on every budget that applies and
+    raises `BudgetExceeded` when one refuses — then no request may be sent. Returns None
+    when nothing is recording (no run, and calls outside runs are not recorded).
+
+    ``request`` is the request body (``messages`` or ``input`` are counted for the
+    estimate). A ``downgrade`` budget may pick a cheaper model: send the request with
+    ``pending.model_to_send``. Finish with `PendingCall.succeed` or `PendingCall.fail`.
+    In async code use `abegin_call`, which reserves without blocking the event loop.
+    .. versionadded:: 0.1.0
+    """
+    pending = _begin(operation, model, provider, request, max_tokens, stream)
+    if pending is not None:
+        pending.ledger._before_call(pending, pending.request)
+    return pending
+
+
+async def abegin_call(
+    *,
+    operation: str,
+    model: str | None,
+    provider: str | None,
+    request: dict[str, Any] | None = None,
+    max_tokens: int | None = None,
+    stream: bool = False,
+) -> PendingCall | None:
+    """`begin_call` for async code: the reservation runs in a worker thread."""
+    pending = _begin(operation, model, provider, request, max_tokens, stream)
+    if pending is not None and pending.ledger._budgets.may_apply(pending.run):
+        import asyncio
+
+        await asyncio.to_thread(pending.ledger._before_call, pending, pending.request)
+    return pending
+
+
+def _begin(
+    operation: str,
+    model: str | None,
+    provider: str | None,
+    request: dict[str, Any] | None,
+    max_tokens: int | None,
+    stream: bool,
+) -> PendingCall | None:
+    body = dict(request or {})
+    body.setdefault("model", model)
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    body["stream"] = stream
+    pending = _start_pending(operation, (), body)
+    if pending is None:
+        return None
+    pending.provider = provider
+    pending.request = body
     return pending
 
 
