@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import logging
 import sys
 import threading
@@ -597,8 +598,9 @@ def _stream_usage(stream: Any) -> tuple[TokenUsage | None, bool]:
 
         messages = getattr(stream, "messages", None)
         built = litellm.stream_chunk_builder(chunks=chunks, messages=messages) if chunks else None
-        if built is not None and getattr(built, "usage", None) is not None:
-            return usage_from_response(built.usage), True
+        built_usage = getattr(built, "usage", None)
+        if built_usage is not None:
+            return usage_from_response(built_usage), True
         if messages:
             prompt = litellm.token_counter(model=stream.model or "", messages=messages)
             return TokenUsage(input_tokens=int(prompt)), True
@@ -720,14 +722,15 @@ def install() -> None:
                 f"litellm.utils.{', '.join(missing)}; tokenledger cannot capture its calls. "
                 "Install a litellm version in the range tokenledger's pyproject pins."
             )
-        _originals["function_setup"] = litellm_utils.function_setup
-        _originals["update_response_metadata"] = litellm_utils.update_response_metadata
-        litellm_utils.function_setup = _function_setup
-        litellm_utils.update_response_metadata = _update_response_metadata
-        hook = getattr(litellm_utils, "async_pre_call_deployment_hook", None)
+        names = vars(litellm_utils)  # patched by name: these are litellm internals
+        _originals["function_setup"] = names["function_setup"]
+        _originals["update_response_metadata"] = names["update_response_metadata"]
+        names["function_setup"] = _function_setup
+        names["update_response_metadata"] = _update_response_metadata
+        hook = names.get("async_pre_call_deployment_hook")
         if callable(hook):
             _originals["async_hook"] = hook
-            litellm_utils.async_pre_call_deployment_hook = _async_pre_call_deployment_hook
+            names["async_pre_call_deployment_hook"] = _async_pre_call_deployment_hook
 
 
 def uninstall() -> None:
@@ -737,11 +740,12 @@ def uninstall() -> None:
             return
         import litellm.utils as litellm_utils
 
-        litellm_utils.function_setup = _originals.pop("function_setup")
-        litellm_utils.update_response_metadata = _originals.pop("update_response_metadata")
+        names = vars(litellm_utils)
+        names["function_setup"] = _originals.pop("function_setup")
+        names["update_response_metadata"] = _originals.pop("update_response_metadata")
         hook = _originals.pop("async_hook", None)
         if hook is not None:
-            litellm_utils.async_pre_call_deployment_hook = hook
+            names["async_pre_call_deployment_hook"] = hook
 
 
 def installed() -> bool:
@@ -758,14 +762,11 @@ class _LitellmImportHook(importlib.abc.MetaPathFinder):
         if fullname != "litellm":
             return None
         sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec("litellm")
-        finally:
-            pass
+        spec = importlib.util.find_spec("litellm")
         if spec is None or spec.loader is None:
             return spec
         loader = spec.loader
-        original_exec = loader.exec_module  # type: ignore[union-attr]
+        original_exec = loader.exec_module
 
         def exec_module(module: ModuleType) -> None:
             original_exec(module)

@@ -146,6 +146,10 @@ class Run:
         "root",
     )
 
+    record: RunRecord
+    parent: Run | None
+    root: Run
+
     def __init__(
         self,
         ledger: Ledger,
@@ -420,7 +424,7 @@ def make_agent_decorator(
             return RunContext(ledger_getter(), run_name, tags, budget)
 
         if inspect.isasyncgenfunction(fn):
-            agen_fn = cast(Callable[P, AsyncGenerator[Any, Any]], fn)
+            agen_fn: Callable[P, AsyncGenerator[Any, Any]] = fn
 
             @functools.wraps(fn)
             async def agen_wrapper(*args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[Any, Any]:
@@ -463,7 +467,7 @@ def make_agent_decorator(
             return cast(Callable[P, R], agen_wrapper)
 
         if inspect.isgeneratorfunction(fn):
-            gen_fn = cast(Callable[P, Generator[Any, Any, Any]], fn)
+            gen_fn: Callable[P, Generator[Any, Any, Any]] = fn
 
             @functools.wraps(fn)
             def gen_wrapper(*args: P.args, **kwargs: P.kwargs) -> Generator[Any, Any, Any]:

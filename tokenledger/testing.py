@@ -79,5 +79,5 @@ def mock_response(
             }
         ],
     )
-    response.usage = usage  # type: ignore[attr-defined]
+    response.usage = usage
     return response
