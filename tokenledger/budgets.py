@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -66,11 +67,16 @@ class BudgetWarning(UserWarning):
 def _parse_usd(value: Any, *, where: str) -> Decimal | None:
     if value is None:
         return None
-    if isinstance(value, (bool, float)):
+    if isinstance(value, float) and math.isfinite(value) and value > 0:
         # floats carry binary rounding into money; say so rather than guess
         raise ConfigurationError(
             f"{where} has `usd={value!r}`; give the amount as a string or Decimal, "
             f'e.g. usd="{value}".'
+        )
+    if isinstance(value, (bool, float)):
+        raise ConfigurationError(
+            f"{where} has `usd={value!r}`; a limit must be a positive amount of US dollars, "
+            'given as a string or Decimal, e.g. usd="5.00".'
         )
     try:
         amount = Decimal(str(value))
@@ -125,6 +131,21 @@ def _parse_window(per: Any, *, where: str, allow_run: bool) -> str:
     return str(per)
 
 
+def _parse_chain(downgrade_to: Any, *, where: str) -> tuple[str, ...]:
+    # A bare string is iterable too: "gpt-4o-mini" must not become a chain of letters.
+    if isinstance(downgrade_to, (str, bytes)) or not isinstance(downgrade_to, Iterable):
+        raise ConfigurationError(
+            f"{where} has `downgrade_to={downgrade_to!r}`; it must be a list of model names, "
+            "e.g. downgrade_to=['gpt-4o-mini']."
+        )
+    chain = tuple(downgrade_to)
+    if any(not isinstance(m, str) or not m.strip() for m in chain):
+        raise ConfigurationError(
+            f"{where} has `downgrade_to={list(chain)!r}`; it must be a list of model names."
+        )
+    return chain
+
+
 def _parse_action(action: Any, downgrade_to: Sequence[str], *, where: str) -> str:
     if action not in ACTIONS:
         raise ConfigurationError(
@@ -135,11 +156,41 @@ def _parse_action(action: Any, downgrade_to: Sequence[str], *, where: str) -> st
             f"{where} has `action='downgrade'` but no `downgrade_to`; give the cheaper "
             "models to fall back to, e.g. downgrade_to=['gpt-4o-mini']."
         )
-    if any(not isinstance(m, str) or not m for m in downgrade_to):
+    if action != "downgrade" and downgrade_to:
+        # Almost certainly a forgotten action="downgrade": say so rather than ignore it.
         raise ConfigurationError(
-            f"{where} has `downgrade_to={list(downgrade_to)!r}`; it must be a list of model names."
+            f"{where} has `downgrade_to={list(downgrade_to)!r}` but `action={action!r}`; "
+            "the fallback models are used only with action='downgrade'."
         )
     return str(action)
+
+
+def parse_shared_budget(
+    scope: Any,
+    *,
+    usd: Any,
+    tokens: Any,
+    per: Any,
+    action: Any,
+    downgrade_to: Any,
+) -> tuple[str, str, Decimal | None, int | None, str, tuple[str, ...]]:
+    """Check a shared budget's definition, as `Ledger.set_budget` and the CLI take it.
+
+    Returns ``(scope, per, usd, tokens, action, downgrade_to)``; raises
+    `ConfigurationError` naming the first bad field and its value.
+    """
+    scope = parse_scope(scope)
+    where = f"Budget `{scope}`"
+    parsed_usd = _parse_usd(usd, where=where)
+    parsed_tokens = _parse_tokens(tokens, where=where)
+    if parsed_usd is None and parsed_tokens is None:
+        raise ConfigurationError(
+            f'{where} has neither `usd` nor `tokens`; give at least one limit, e.g. usd="5.00".'
+        )
+    window = _parse_window(per, where=where, allow_run=False)
+    chain = _parse_chain(downgrade_to, where=where)
+    act = _parse_action(action, chain, where=where)
+    return scope, window, parsed_usd, parsed_tokens, act, chain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +228,7 @@ class Budget:
         object.__setattr__(self, "usd", parsed_usd)
         object.__setattr__(self, "tokens", parsed_tokens)
         object.__setattr__(self, "per", _parse_window(per, where=where, allow_run=True))
-        chain = tuple(downgrade_to)
+        chain = _parse_chain(downgrade_to, where=where)
         object.__setattr__(self, "action", _parse_action(action, chain, where=where))
         object.__setattr__(self, "downgrade_to", chain)
 

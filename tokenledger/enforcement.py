@@ -28,14 +28,10 @@ from tokenledger.budgets import (
     BudgetWarning,
     Estimate,
     Reservation,
-    _parse_action,
-    _parse_tokens,
-    _parse_usd,
-    _parse_window,
-    parse_scope,
+    parse_shared_budget,
     window_bounds,
 )
-from tokenledger.exceptions import BudgetExceeded, ConfigurationError, LedgerError
+from tokenledger.exceptions import BudgetExceeded, LedgerError
 from tokenledger.records import TokenUsage, new_id, utcnow
 
 if TYPE_CHECKING:
@@ -419,18 +415,10 @@ class BudgetEnforcer:
         action: str,
         downgrade_to: Sequence[str],
     ) -> BudgetDef:
-        where = f"Budget `{scope}`"
-        scope = parse_scope(scope)
-        parsed_usd = _parse_usd(usd, where=where)
-        parsed_tokens = _parse_tokens(tokens, where=where)
-        if parsed_usd is None and parsed_tokens is None:
-            raise ConfigurationError(
-                f'{where} has neither `usd` nor `tokens`; give at least one limit, e.g. usd="5.00".'
-            )
-        window = _parse_window(per, where=where, allow_run=False)
-        chain = tuple(downgrade_to)
-        act = _parse_action(action, chain, where=where)
-        return self.store.put(scope, window, parsed_usd, parsed_tokens, act, chain)
+        spec = parse_shared_budget(
+            scope, usd=usd, tokens=tokens, per=per, action=action, downgrade_to=downgrade_to
+        )
+        return self.store.put(*spec)
 
     # -- before / after a call ---------------------------------------------------------
     def may_apply(self, run: Run | None) -> bool:
@@ -492,13 +480,21 @@ class BudgetEnforcer:
             if refusal is None:
                 if model != requested:
                     if "model" not in kwargs:
-                        # model given positionally: litellm reuses the positional args
+                        # model given positionally: litellm reuses the positional args.
+                        # Give back what was just reserved for the cheaper model.
+                        self.release(pending)
+                        if pending.run is not None:
+                            pending.run.mark_budget_exceeded()
                         raise BudgetExceeded(
-                            "Cannot downgrade a call whose model was passed positionally; "
-                            "pass model= as a keyword."
+                            f"Budget would be exceeded by this call to {requested} and it "
+                            f"cannot be downgraded to {model} because its model was passed "
+                            "positionally; pass model= as a keyword. No request was sent."
                         )
                     kwargs["model"] = model
                     pending.call.requested_model = requested
+                    # The model the request goes to: the row keeps it (and is priced at
+                    # it) even when the response does not name the model that served it.
+                    pending.call.model = model
                     pending.downgraded_to = model
                     logger.warning(
                         "tokenledger downgraded a call from %s to %s to fit a budget",
@@ -543,28 +539,19 @@ class BudgetEnforcer:
         amount = usd or Decimal(0)
         # In-memory run budgets first: cheapest to check, no I/O.
         held_runs: list[Run] = []
-        refusal = self._reserve_runs(run_budgets, amount, estimate.tokens, held_runs)
+        passed: list[tuple[Run, tuple[Decimal, Decimal, int, int]]] = []
+        refusal = self._reserve_runs(run_budgets, amount, estimate.tokens, held_runs, passed)
         if refusal is not None:
-            run, spent, reserved = refusal
+            self._release_runs(held_runs, amount, estimate.tokens)
+            run, figures = refusal
             budget = run.budget
-            if budget.action == "warn":
-                self._warn(f"Run `{run.name}` budget", estimate, budget.usd, spent, pending)
-            else:
-                self._release_runs(held_runs, amount, estimate.tokens)
-                return (
-                    budget.action,
-                    _refusal_message(
-                        f"run:{run.name}",
-                        "run",
-                        budget.usd,
-                        budget.tokens,
-                        spent,
-                        reserved,
-                        estimate,
-                        None,
-                    ),
-                    estimate,
-                )
+            return (
+                budget.action,
+                _refusal_message(
+                    f"run:{run.name}", "run", budget.usd, budget.tokens, figures, estimate, None
+                ),
+                estimate,
+            )
         reservation_id = new_id()
         if enforce or track:
             try:
@@ -589,9 +576,7 @@ class BudgetEnforcer:
             if refused is not None:
                 self._release_runs(held_runs, amount, estimate.tokens)
                 definition, start = refused
-                spent, reserved, _spent_t, _reserved_t = self.store.window_figures(
-                    definition.id, start
-                )
+                figures = self.store.window_figures(definition.id, start)
                 _s, reset = window_bounds(definition.per, now)
                 return (
                     definition.action,
@@ -600,17 +585,22 @@ class BudgetEnforcer:
                         definition.per,
                         definition.usd,
                         definition.tokens,
-                        spent,
-                        reserved,
+                        figures,
                         estimate,
                         reset,
                     ),
                     estimate,
                 )
-            for d, start in track:
-                spent, reserved, *_ = self.store.window_figures(d.id, start)
-                if d.usd is not None and spent + reserved > d.usd:
-                    self._warn(f"Budget `{d.scope}` ({d.per})", estimate, d.usd, spent, pending)
+        # Warn only once the call is sure to proceed.
+        for run, figures in passed:
+            budget = run.budget
+            label = f"Run `{run.name}` budget"
+            self._warn(label, budget.usd, budget.tokens, figures, estimate, pending)
+        for d, start in track:
+            figures = self.store.window_figures(d.id, start)
+            if _over(d.usd, d.tokens, figures):
+                label = f"Budget `{d.scope}` ({d.per})"
+                self._warn(label, d.usd, d.tokens, figures, estimate, pending)
         pending.reservation = Reservation(
             id=reservation_id,
             estimate=estimate,
@@ -623,15 +613,18 @@ class BudgetEnforcer:
     def _warn(
         self,
         label: str,
+        limit_usd: Decimal | None,
+        limit_tokens: int | None,
+        figures: tuple[Decimal, Decimal, int, int],
         estimate: Estimate,
-        limit: Decimal | None,
-        spent: Decimal,
         pending: PendingCall,
     ) -> None:
+        spent, reserved = _figures_text(limit_usd, limit_tokens, figures)
         message = (
-            f"{label} is over its limit of ${limit} (spent ${spent}); a call to "
-            f"{estimate.model} estimated at ${estimate.usd} proceeds because the budget's "
-            "action is `warn`."
+            f"{label} is over its limit of {_limit_text(limit_usd, limit_tokens)} (spent "
+            f"{spent}, reserved {reserved}, this call included); the call to "
+            f"{estimate.model}, estimated at {_fmt_usd(estimate.usd)}, proceeds because the "
+            "budget's action is `warn`."
         )
         warnings.warn(message, BudgetWarning, stacklevel=4)
         logger.warning(message)
@@ -643,24 +636,36 @@ class BudgetEnforcer:
             )
 
     def _reserve_runs(
-        self, runs: list[Run], usd: Decimal, tokens: int, held: list[Run]
-    ) -> tuple[Run, Decimal, Decimal] | None:
+        self,
+        runs: list[Run],
+        usd: Decimal,
+        tokens: int,
+        held: list[Run],
+        passed: list[tuple[Run, tuple[Decimal, Decimal, int, int]]],
+    ) -> tuple[Run, tuple[Decimal, Decimal, int, int]] | None:
+        """Reserve on the in-memory run budgets of the run and its ancestors.
+
+        Returns the first budget that refuses and its figures, or None. A ``warn``
+        budget that this call passes holds the call too and is added to ``passed``;
+        the budgets above it are still checked.
+        """
         with self._run_lock:
             for run in runs:
                 budget = run.budget
                 spent = run.cost_usd
                 reserved_usd, reserved_tokens = self._run_reserved.get(run.id, (Decimal(0), 0))
-                over_usd = budget.usd is not None and spent + reserved_usd + usd > budget.usd
                 used_tokens = run.input_tokens + run.output_tokens
+                over_usd = budget.usd is not None and spent + reserved_usd + usd > budget.usd
                 over_tokens = budget.tokens is not None and (
                     used_tokens + reserved_tokens + tokens > budget.tokens
                 )
                 if (over_usd or over_tokens) and budget.action != "warn":
-                    return run, spent, reserved_usd
+                    return run, (spent, reserved_usd, used_tokens, reserved_tokens)
                 self._run_reserved[run.id] = (reserved_usd + usd, reserved_tokens + tokens)
                 held.append(run)
                 if over_usd or over_tokens:
-                    return run, spent, reserved_usd
+                    figures = (spent, reserved_usd + usd, used_tokens, reserved_tokens + tokens)
+                    passed.append((run, figures))
         return None
 
     def _release_runs(self, runs: list[Run], usd: Decimal, tokens: int) -> None:
@@ -752,17 +757,17 @@ def _fmt_usd(amount: Decimal | None) -> str:
     return f"${amount.quantize(Decimal('0.000001')).normalize():f}"
 
 
-def _refusal_message(
-    scope: str,
-    per: str,
-    limit_usd: Decimal | None,
-    limit_tokens: int | None,
-    spent: Decimal,
-    reserved: Decimal,
-    estimate: Estimate,
-    resets_at: dt.datetime | None,
-) -> str:
-    limit = " and ".join(
+def _over(
+    limit_usd: Decimal | None, limit_tokens: int | None, figures: tuple[Decimal, Decimal, int, int]
+) -> bool:
+    spent, reserved, spent_tokens, reserved_tokens = figures
+    return (limit_usd is not None and spent + reserved > limit_usd) or (
+        limit_tokens is not None and spent_tokens + reserved_tokens > limit_tokens
+    )
+
+
+def _limit_text(limit_usd: Decimal | None, limit_tokens: int | None) -> str:
+    return " and ".join(
         part
         for part in (
             _fmt_usd(limit_usd) if limit_usd is not None else "",
@@ -770,13 +775,42 @@ def _refusal_message(
         )
         if part
     )
+
+
+def _figures_text(
+    limit_usd: Decimal | None, limit_tokens: int | None, figures: tuple[Decimal, Decimal, int, int]
+) -> tuple[str, str]:
+    """Spent and reserved in the units the budget is limited in (USD, tokens, or both)."""
+    spent, reserved, spent_tokens, reserved_tokens = figures
+    texts = []
+    for usd, tokens in ((spent, spent_tokens), (reserved, reserved_tokens)):
+        parts = []
+        if limit_usd is not None or limit_tokens is None:
+            parts.append(_fmt_usd(usd))
+        if limit_tokens is not None:
+            parts.append(f"{tokens:,} tokens")
+        texts.append(" and ".join(parts))
+    return texts[0], texts[1]
+
+
+def _refusal_message(
+    scope: str,
+    per: str,
+    limit_usd: Decimal | None,
+    limit_tokens: int | None,
+    figures: tuple[Decimal, Decimal, int, int],
+    estimate: Estimate,
+    resets_at: dt.datetime | None,
+) -> str:
+    spent, reserved = _figures_text(limit_usd, limit_tokens, figures)
     reset = (
         f"; the window resets at {resets_at.isoformat()}"
         if resets_at is not None
         else ("; it does not reset" if per == "total" else "")
     )
+    limit = _limit_text(limit_usd, limit_tokens)
     return (
-        f"Budget `{scope}` ({per}) would be exceeded: limit {limit}, spent {_fmt_usd(spent)}, "
-        f"reserved {_fmt_usd(reserved)}, and this call to {estimate.model} is estimated at "
+        f"Budget `{scope}` ({per}) would be exceeded: limit {limit}, "
+        f"spent {spent}, reserved {reserved}, and this call to {estimate.model} is estimated at "
         f"{_fmt_usd(estimate.usd)} ({estimate.tokens:,} tokens){reset}. No request was sent."
     )
