@@ -1069,11 +1069,6 @@ def break_reservations(ledger: Ledger) -> None:
         connection.exec_driver_sql("DROP TABLE reservations")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="capture._function_setup logs and swallows the LedgerError that enforcement "
-    "raises when it cannot reserve, so a sync call proceeds unreserved (fails open)",
-)
 def test_a_call_that_cannot_be_reserved_is_not_sent(ledger: Ledger, sent: SentRequests) -> None:
     ledger.set_budget("global", usd="1")
     break_reservations(ledger)
@@ -1091,3 +1086,32 @@ async def test_an_async_call_that_cannot_be_reserved_is_not_sent(
         async with ledger.run("r"):
             await aask()
     assert [] == sent.models
+
+
+def test_fail_open_lets_a_call_through_unreserved_and_counts_it(
+    db_url: str, sent: SentRequests
+) -> None:
+    with Ledger(db_url, budget_failure_policy="fail_open") as ledger:
+        ledger.set_budget("global", usd="1")
+        break_reservations(ledger)
+        with ledger.run("r"):
+            ask()
+        assert ["gpt-4o-mini"] == sent.models
+        assert 1 == ledger._budgets.unreserved_calls
+        ledger.flush()
+        assert 1 == len(calls_of(ledger))
+
+
+def test_a_bad_failure_policy_is_refused(db_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="`budget_failure_policy` is 'maybe'"):
+        Ledger(db_url, budget_failure_policy="maybe")
+
+
+def test_recorded_calls_and_charges_count_against_budgets(ledger: Ledger) -> None:
+    ledger.set_budget("tenant:acme", usd="1", per="day")
+    with ledger.run("r", tags={"tenant": "acme"}) as run:
+        ledger.record_call("gpt-4o-mini", input_tokens=1000, output_tokens=1000)
+        run.charge("web_search", usd="0.25")
+    (status,) = ledger.budgets()
+    # 1000 x $0.15/M + 1000 x $0.60/M + $0.25
+    assert Decimal("0.25075") == status.spent_usd

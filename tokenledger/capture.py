@@ -42,7 +42,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tokenledger import semconv as sc
-from tokenledger.exceptions import BudgetExceeded, UsageError
+from tokenledger.exceptions import BudgetExceeded, LedgerError, UsageError
 from tokenledger.records import CallRecord, TokenUsage, new_id, utcnow
 from tokenledger.runs import current_run
 
@@ -98,6 +98,7 @@ class PendingCall:
     __slots__ = (
         "__weakref__",
         "_once",
+        "account_spend",
         "attempts",
         "call",
         "deferred",
@@ -130,6 +131,7 @@ class PendingCall:
         self.attempts = 0
         self.failures_seen: list[int] = []
         self.deferred = False  # an async call's reservation waits for the async hook
+        self.account_spend = False  # recorded after the fact: add its spend to budgets
         self.request: dict[str, Any] = {}  # integrations: the request body given to begin_call
         self.downgraded_to: str | None = None
 
@@ -438,11 +440,13 @@ def _function_setup(
             else:
                 # May raise BudgetExceeded (no request is sent) or change the model.
                 pending.ledger._before_call(pending, kwargs)
-    except BudgetExceeded:
+    except (BudgetExceeded, LedgerError):
+        # A refusal, or budgets failing closed: no request may be sent.
         raise
     except Exception:
-        logger.exception("tokenledger could not start recording a litellm call; the call proceeds")
-        pending = None
+        # Anything else is tokenledger's own failure: the call proceeds and is still
+        # recorded if its record could be started.
+        logger.exception("tokenledger could not check budgets for a litellm call; it proceeds")
     try:
         logging_obj, new_kwargs = original(
             original_function, rules_obj, start_time, *args, **kwargs

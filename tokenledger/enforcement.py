@@ -31,7 +31,7 @@ from tokenledger.budgets import (
     parse_shared_budget,
     window_bounds,
 )
-from tokenledger.exceptions import BudgetExceeded, LedgerError
+from tokenledger.exceptions import BudgetExceeded, ConfigurationError, LedgerError
 from tokenledger.records import TokenUsage, new_id, utcnow
 
 if TYPE_CHECKING:
@@ -98,8 +98,24 @@ class BudgetStore:
             return cached
         with self._cache_lock:
             table = self._storage.budgets
-            with self.engine.connect() as conn:
-                rows = conn.execute(sa.select(table)).all()
+            try:
+                with self.engine.connect() as conn:
+                    rows = conn.execute(sa.select(table)).all()
+            except sa.exc.DBAPIError as exc:
+                if cached is None or fresh:
+                    raise LedgerError(
+                        f"tokenledger could not read the budgets of the ledger at "
+                        f"{self._storage.redact_url(self.engine.url)}: "
+                        f"{exc.__class__.__name__}."
+                    ) from exc
+                # The database is unreachable: keep enforcing the budgets last seen.
+                logger.warning(
+                    "tokenledger could not refresh budgets (%s); using the %d last read",
+                    exc.__class__.__name__,
+                    len(cached),
+                )
+                self._cache_at = time.monotonic()
+                return cached
             defs = [
                 BudgetDef(
                     id=r.id,
@@ -305,6 +321,24 @@ class BudgetStore:
             return Decimal(0), Decimal(0), 0, 0
         return row.spent_usd, row.reserved_usd, row.spent_tokens, row.reserved_tokens
 
+    def add_spend(
+        self, lines: Sequence[tuple[str, dt.datetime]], usd: Decimal, tokens: int
+    ) -> None:
+        """Add spend with no reservation behind it (a call recorded after the fact)."""
+        windows = self._storage.budget_windows
+        with self.engine.begin() as conn:
+            self._ensure_windows(conn, lines)
+            for budget_id, start in sorted(lines):
+                conn.execute(
+                    sa.update(windows)
+                    .where(windows.c.budget_id == budget_id, windows.c.window_start == start)
+                    .values(
+                        spent_usd=windows.c.spent_usd + usd,
+                        spent_tokens=windows.c.spent_tokens + tokens,
+                    )
+                )
+        self._windows_seen.update(lines)
+
     def settle(
         self,
         reservation_id: str,
@@ -396,8 +430,22 @@ class BudgetEnforcer:
     """Decides, before each captured call, whether it may spend; settles it after."""
 
     def __init__(
-        self, ledger: Ledger, *, lease_seconds: float = 120.0, default_max_output_tokens: int = 4096
+        self,
+        ledger: Ledger,
+        *,
+        lease_seconds: float = 120.0,
+        default_max_output_tokens: int = 4096,
+        failure_policy: str = "fail_closed",
     ) -> None:
+        if failure_policy not in ("fail_closed", "fail_open"):
+            raise ConfigurationError(
+                f"`budget_failure_policy` is {failure_policy!r}; it must be 'fail_closed' "
+                "(refuse budgeted calls while the database is unreachable) or 'fail_open' "
+                "(let them through and report it)."
+            )
+        self.failure_policy = failure_policy
+        #: Calls let through unreserved under ``fail_open`` while the database was down.
+        self.unreserved_calls = 0
         self.ledger = ledger
         self.store = BudgetStore(ledger.engine, lease_seconds=lease_seconds)
         self.default_max_output_tokens = default_max_output_tokens
@@ -567,12 +615,25 @@ class BudgetEnforcer:
             except BudgetExceeded:
                 raise
             except Exception as exc:
-                self._release_runs(held_runs, amount, estimate.tokens)
-                raise LedgerError(
-                    f"tokenledger could not reserve budget for a call to {estimate.model} "
-                    f"(database at {self.ledger.url}: {exc.__class__.__name__}); the call was "
-                    "not sent because budgets fail closed."
-                ) from exc
+                if self.failure_policy == "fail_closed":
+                    self._release_runs(held_runs, amount, estimate.tokens)
+                    raise LedgerError(
+                        f"tokenledger could not reserve budget for a call to {estimate.model} "
+                        f"(database at {self.ledger.url}: {exc.__class__.__name__}); the call "
+                        "was not sent because budgets fail closed."
+                    ) from exc
+                # fail_open: the call proceeds unreserved, and says so.
+                self.unreserved_calls += 1
+                logger.warning(
+                    "tokenledger could not reserve budget for a call to %s (database at %s: "
+                    "%s); the call proceeds unreserved because budget_failure_policy is "
+                    "fail_open (%d such calls so far)",
+                    estimate.model,
+                    self.ledger.url,
+                    exc.__class__.__name__,
+                    self.unreserved_calls,
+                )
+                enforce, track, refused = [], [], None
             if refused is not None:
                 self._release_runs(held_runs, amount, estimate.tokens)
                 definition, start = refused
@@ -708,6 +769,24 @@ class BudgetEnforcer:
                 "and be reclaimed",
                 reservation.id,
             )
+
+    def add_spend(self, pending: PendingCall) -> None:
+        """Add a call that was never reserved (``record_call``, ``run.charge``) to the
+        shared budgets that apply, so recorded spend counts against them too."""
+        call = pending.call
+        usd = call.cost_usd or Decimal(0)
+        tokens = call.input_tokens + call.output_tokens
+        if not usd and not tokens:
+            return
+        try:
+            shared, _runs = self.applicable(pending.run)
+            if not shared:
+                return
+            now = utcnow()
+            lines = [(d.id, window_bounds(d.per, now)[0]) for d in shared]
+            self.store.add_spend(lines, usd, tokens)
+        except Exception:
+            logger.exception("tokenledger could not add call %s to its budgets", call.id)
 
     def release(self, pending: PendingCall) -> None:
         reservation: Reservation | None = pending.reservation

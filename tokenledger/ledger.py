@@ -60,6 +60,7 @@ class Ledger:
         price_book: PriceBook | None = None,
         budget_lease_seconds: float = 120.0,
         default_max_output_tokens: int = 4096,
+        budget_failure_policy: str = "fail_closed",
     ) -> None:
         from tokenledger import schema, storage
         from tokenledger.enforcement import BudgetEnforcer
@@ -95,7 +96,11 @@ class Ledger:
             self,
             lease_seconds=float(budget_lease_seconds),
             default_max_output_tokens=default_max_output_tokens,
+            failure_policy=budget_failure_policy,
         )
+        # Read the budgets now, while the database is known to be up, so a later outage
+        # keeps enforcing the last budgets seen.
+        self._budgets.store.definitions()
         if capture:
             _capture.set_capture_ledger(self)
             _capture.install_when_imported()
@@ -313,6 +318,7 @@ class Ledger:
             cost_source="charge",
         )
         pending = PendingCall(self, run, call)
+        pending.account_spend = True
         pending.claim()
         pending.finish(status="ok", usage=None, model=None)
         return call
@@ -372,6 +378,7 @@ class Ledger:
         )
         pending = PendingCall(self, run, call)
         pending.provider = provider
+        pending.account_spend = True
         pending.claim()
         pending.finish(
             status=status,
@@ -414,6 +421,8 @@ class Ledger:
             run.add_call(call)
         if pending.reservation is not None:
             self._budgets.after_call(pending)
+        elif pending.account_spend:
+            self._budgets.add_spend(pending)
         self._writer.put_call(call)
 
     def _price(self, pending: PendingCall, provider_cost: Any) -> None:
