@@ -61,7 +61,13 @@ class BudgetStore:
             self.engine = sa.create_engine(engine.url, pool_size=8, max_overflow=32)
             self._sqlite_setup(self.engine)
         else:
-            self.engine = engine
+            # Its own pool, apart from the writer's, and without a ping on every
+            # checkout: a reservation is two round trips on the call path, and a ping
+            # would add a third. A connection lost to a restart is invalidated on its
+            # first error and the reservation retried once (see `_retrying`).
+            self.engine = sa.create_engine(
+                engine.url, pool_size=10, max_overflow=20, pool_pre_ping=False
+            )
         self._windows_seen: set[tuple[str, dt.datetime]] = set()
         self._cache: list[BudgetDef] | None = None
         self._cache_at = 0.0
@@ -236,7 +242,16 @@ class BudgetStore:
                 .on_conflict_do_nothing(index_elements=["budget_id", "window_start"])
             )
 
-    def reserve(
+    def reserve(self, *args: Any) -> tuple[BudgetDef, dt.datetime] | None:
+        """See `_reserve`; retried once when the connection was lost (a restart)."""
+        try:
+            return self._reserve(*args)
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            return self._reserve(*args)
+
+    def _reserve(
         self,
         reservation_id: str,
         enforce: Sequence[tuple[BudgetDef, dt.datetime]],
