@@ -532,3 +532,18 @@ def test_any_invalid_count_raises_usage_error_and_nothing_else(field: str, value
         usage[field] = value
     with pytest.raises(UsageError):
         usage_from_response(usage)
+
+
+def test_anthropic_usage_with_thinking_details_keeps_its_cache_and_reasoning() -> None:
+    """Anthropic may send output_tokens_details next to its cache fields: that is not the
+    OpenAI Responses shape, and the cache must still count as input."""
+    usage = usage_from_response(
+        {
+            "input_tokens": 300,
+            "cache_creation_input_tokens": 500,
+            "cache_read_input_tokens": 200,
+            "output_tokens": 100,
+            "output_tokens_details": {"thinking_tokens": 40},
+        }
+    )
+    assert TokenUsage(1000, 100, 200, 500, 40) == usage

@@ -89,9 +89,14 @@ def usage_from_response(obj: object) -> TokenUsage:
         return _from_canonical(get, input_raw, output_raw)
     input_details = get("input_tokens_details")
     output_details = get("output_tokens_details")
-    if input_details is not None or output_details is not None:
+    anthropic_cache = (
+        get("cache_read_input_tokens") is not None or get("cache_creation_input_tokens") is not None
+    )
+    # The Responses API always sends input_tokens_details; Anthropic never does, but may
+    # send output_tokens_details (thinking tokens) next to its cache fields.
+    if input_details is not None or (output_details is not None and not anthropic_cache):
         return _from_responses(input_raw, output_raw, input_details, output_details)
-    return _from_anthropic(get, input_raw, output_raw)
+    return _from_anthropic(get, input_raw, output_raw, output_details)
 
 
 def provider_cost(obj: object) -> Decimal | None:
@@ -211,7 +216,9 @@ def _from_responses(
     )
 
 
-def _from_anthropic(get: Getter, input_raw: object, output_raw: object) -> TokenUsage:
+def _from_anthropic(
+    get: Getter, input_raw: object, output_raw: object, output_details: object = None
+) -> TokenUsage:
     # Anthropic's `input_tokens` counts only the uncached part of the prompt.
     uncached = _count("input_tokens", input_raw)
     cache_read = _count("cache_read_input_tokens", get("cache_read_input_tokens"))
@@ -222,12 +229,22 @@ def _from_anthropic(get: Getter, input_raw: object, output_raw: object) -> Token
             f"Usage fields `input_tokens` + `cache_read_input_tokens` + "
             f"`cache_creation_input_tokens` add up to {input_tokens:,}; {_COUNT_RULE}."
         )
-    # Anthropic bills extended thinking as output and does not report it separately.
+    # Anthropic bills extended thinking as output; newer responses also report it as
+    # output_tokens_details.thinking_tokens, a part of output_tokens.
+    output_tokens = _count("output_tokens", output_raw)
+    thinking = _reader(output_details)("thinking_tokens") if output_details is not None else None
+    reasoning = _count("output_tokens_details.thinking_tokens", thinking)
+    if reasoning > output_tokens:
+        raise UsageError(
+            f"Usage field `output_tokens_details.thinking_tokens` is {reasoning:,}, more than "
+            f"`output_tokens` ({output_tokens:,}); thinking tokens are part of the output."
+        )
     return TokenUsage(
         input_tokens=input_tokens,
-        output_tokens=_count("output_tokens", output_raw),
+        output_tokens=output_tokens,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
     )
 
 
