@@ -848,9 +848,17 @@ def test_a_missing_sdk_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatc
 def test_importing_tokenledger_does_not_import_the_sdk() -> None:
     import subprocess
 
+    import tempfile
+
     code = "import sys, tokenledger, tokenledger.integrations; print('openai' in sys.modules)"
+    # Run away from the checkout so the installed package (with its integrations
+    # subpackage, mapped from ./integrations) is the one imported.
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tempfile.gettempdir(),
     ).stdout
     assert "False" == out.strip()
 
