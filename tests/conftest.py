@@ -18,6 +18,8 @@ import os
 
 # Tests never touch the internet: litellm must use its bundled price map.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# A test that makes the writer spill must never write into the user's ~/.cache.
+os.environ.setdefault("TOKENLEDGER_SPOOL_DIR", __import__("tempfile").mkdtemp(prefix="tl-spool-"))
 
 import uuid
 from collections.abc import Callable, Iterator

@@ -847,7 +847,6 @@ def test_a_missing_sdk_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatc
 
 def test_importing_tokenledger_does_not_import_the_sdk() -> None:
     import subprocess
-
     import tempfile
 
     code = "import sys, tokenledger, tokenledger.integrations; print('openai' in sys.modules)"

@@ -14,11 +14,13 @@ import warnings
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from tokenledger import schema, storage
+from tokenledger.exceptions import ConfigurationError
 from tokenledger.records import CallRecord, PriceRecord, RunRecord, new_id, utcnow
 from tokenledger.writer import BatchWriter
 
@@ -31,12 +33,16 @@ def ledger_engine(engine: sa.Engine) -> sa.Engine:
 
 
 @pytest.fixture
-def make_writer() -> Iterator[Callable[..., BatchWriter]]:
-    """Make writers; each is closed after the test (before its engine is disposed)."""
+def make_writer(tmp_path: Path) -> Iterator[Callable[..., BatchWriter]]:
+    """Make writers; each is closed after the test (before its engine is disposed).
+
+    Their spools live in the test's ``tmp_path`` unless ``spool_dir`` is given.
+    """
     writers: list[BatchWriter] = []
 
-    def make(engine: sa.Engine, **options: float) -> BatchWriter:
-        writer = BatchWriter(engine, **options)  # type: ignore[arg-type]
+    def make(engine: sa.Engine, **options: Any) -> BatchWriter:
+        options.setdefault("spool_dir", tmp_path / "spool")
+        writer = BatchWriter(engine, **options)
         writers.append(writer)
         return writer
 
@@ -410,6 +416,40 @@ def test_a_row_the_database_refuses_does_not_stop_the_others(
     assert sorted(call.id for call in bad) == sorted(r.row["id"] for r in writer.rejected)
     assert 2 == writer.stats.rejected
     assert 2 == len([r for r in caplog.records if r.name == "tokenledger.writer"])
+
+
+# -- options ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_delay": 0}, r"^`max_delay` is 0; it must be a number of seconds greater than 0"),
+        ({"max_batch": 0}, r"^`max_batch` is 0; it must be a whole number of rows"),
+        ({"durability": "sometimes"}, r"^`durability` is 'sometimes'; it must be 'batched'"),
+        ({"max_buffer_rows": 0}, r"^`max_buffer_rows` is 0; it must be a whole number of rows"),
+        ({"max_buffer_rows": True}, r"^`max_buffer_rows` is True"),
+    ],
+    ids=["max_delay", "max_batch", "durability", "max_buffer_rows", "max_buffer_rows-bool"],
+)
+def test_a_bad_option_is_refused_by_name_and_value(
+    ledger_engine: sa.Engine, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        BatchWriter(ledger_engine, **options)
+
+
+def test_under_the_memory_limit_a_batched_put_touches_no_file(
+    ledger_engine: sa.Engine, make_writer: Callable[..., BatchWriter], tmp_path: Path
+) -> None:
+    writer = make_writer(ledger_engine, max_buffer_rows=1000)
+
+    for _ in range(999):
+        writer.put_call(a_call())
+    assert writer.flush()
+
+    assert 0 == writer.stats.spilled
+    assert not (tmp_path / "spool").exists()
 
 
 # -- how fast --------------------------------------------------------------------------

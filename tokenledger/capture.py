@@ -286,9 +286,14 @@ class PendingCall:
         error_type: str | None = None,
         finish_reasons: list[str] | None = None,
         provider_cost: Any = None,
+        latency_ms: float | None = None,
     ) -> None:
         call = self.call
-        call.latency_ms = (time.perf_counter() - self.start_perf) * 1000.0
+        call.latency_ms = (
+            latency_ms
+            if latency_ms is not None
+            else (time.perf_counter() - self.start_perf) * 1000.0
+        )
         call.ended_at = utcnow()
         call.status = status  # type: ignore[assignment]
         call.error_type = error_type

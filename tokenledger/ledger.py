@@ -7,6 +7,7 @@ module-level ``tokenledger.run`` / ``agent`` / ``configure`` use a process-wide 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -46,6 +47,20 @@ class Ledger:
         record_calls_outside_runs: also record calls made outside any run (with no run).
         flush_interval: the longest a recorded row waits in memory before it is written.
         price_book: where prices come from; defaults to litellm's bundled price map.
+        budget_lease_seconds: how long a crashed process's budget reservation is held
+            before any process may reclaim it.
+        default_max_output_tokens: the output bound of a budget estimate when a call
+            has no ``max_tokens`` and the model's output limit is unknown.
+        budget_failure_policy: ``fail_closed`` (default) refuses budgeted calls while
+            the database is unreachable; ``fail_open`` lets them through, logged and
+            counted.
+        durability: ``batched`` (default; a killed process loses at most the rows of
+            the last ``flush_interval``) or ``durable`` (each row reaches the database
+            or a local spool file before the call returns). See docs/reliability.md.
+        max_buffer_rows: rows held in memory during an outage before they spill to
+            the local spool (never dropped).
+        spool_dir: where the spool lives (default: next to a SQLite ledger, else
+            ``~/.cache/tokenledger/spool``).
 
     .. versionadded:: 0.1.0
     """
@@ -61,6 +76,9 @@ class Ledger:
         budget_lease_seconds: float = 120.0,
         default_max_output_tokens: int = 4096,
         budget_failure_policy: str = "fail_closed",
+        durability: str = "batched",
+        max_buffer_rows: int = 100_000,
+        spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         from tokenledger import schema, storage
         from tokenledger.enforcement import BudgetEnforcer
@@ -75,7 +93,13 @@ class Ledger:
         self.record_calls_outside_runs = record_calls_outside_runs
         self._engine: sqlalchemy.Engine = storage.create_engine_for(url)
         schema.ensure_schema(self._engine)
-        self._writer: BatchWriter = BatchWriter(self._engine, max_delay=float(flush_interval))
+        self._writer: BatchWriter = BatchWriter(
+            self._engine,
+            max_delay=float(flush_interval),
+            durability=durability,
+            max_buffer_rows=max_buffer_rows,
+            spool_dir=spool_dir,
+        )
         self._telemetry = Telemetry()
         self._price_book = price_book
         self._known_price_ids: set[str] = set()
@@ -386,9 +410,8 @@ class Ledger:
             model=model,
             error_type=error_type,
             provider_cost={"cost": cost_usd} if cost_usd is not None else None,
+            latency_ms=latency_ms,
         )
-        if latency_ms is not None:
-            call.latency_ms = latency_ms
         return call
 
     # -- the capture pipeline (shared by litellm capture and every integration) --------
@@ -443,6 +466,13 @@ class Ledger:
                 price = book.lookup(model, pending.provider)
                 if price is not None:
                     break
+        if call.usage_estimated and not (call.input_tokens or call.output_tokens):
+            # The usage could not be read: pricing zero tokens would record a false $0.
+            if call.cost_usd is None:
+                from tokenledger.pricing import warn_unpriced
+
+                warn_unpriced(call.model or call.requested_model or "<unknown>")
+            return
         if price is not None:
             call.price_id = price.id
             if price.id not in self._known_price_ids:
@@ -560,6 +590,7 @@ def configure(
     capture: bool = True,
     record_calls_outside_runs: bool = True,
     flush_interval: float = 1.0,
+    durability: str = "batched",
     otlp_endpoint: str | None = None,
     otlp_headers: Mapping[str, str] | None = None,
     service_name: str = "tokenledger",
@@ -580,6 +611,7 @@ def configure(
         capture=capture,
         record_calls_outside_runs=record_calls_outside_runs,
         flush_interval=flush_interval,
+        durability=durability,
     )
     with _default_lock:
         old, _default = _default, ledger

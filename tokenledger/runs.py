@@ -96,6 +96,16 @@ def parse_usd_amount(value: object, *, what: str) -> Decimal | None:
     return amount
 
 
+def _unstorable(text: str) -> bool:
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str, str]:
     """Check tag keys and values; values are stored as strings."""
     if tags is None:
@@ -116,6 +126,11 @@ def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str,
                 f"Tag `{key}` of {where} is {value!r}; a tag value must be a string or number."
             )
         text = str(value)
+        if _unstorable(key) or _unstorable(text):
+            raise ConfigurationError(
+                f"Tag `{key}` of {where} holds a NUL character or a lone surrogate, which "
+                "no ledger database can store; remove it."
+            )
         if len(text) > MAX_TAG_VALUE_LENGTH:
             raise ConfigurationError(
                 f"Tag `{key}` of {where} is {len(text)} characters long; a tag value may "

@@ -698,13 +698,18 @@ def redact_url(url: str | URL) -> str:
 
     .. versionadded:: 0.1.0
     """
-    if isinstance(url, URL):
-        return url.render_as_string(hide_password=True)
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError, TypeError):
-        # Not parseable as a URL: still never print what looks like a password.
-        return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", str(url))
+    if not isinstance(url, URL):
+        try:
+            url = make_url(url)
+        except (ArgumentError, ValueError, TypeError):
+            # Not parseable as a URL: still never print what looks like a password.
+            text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", str(url))
+            return re.sub(r"((?:ssl)?password=)[^&\s]*", r"\1***", text)
+    # A password may also travel as a query parameter (?password=..., libpq style).
+    secret_keys = [k for k in ("password", "sslpassword") if k in url.query]
+    if secret_keys:
+        url = url.update_query_dict(dict.fromkeys(secret_keys, "***"))
+    return url.render_as_string(hide_password=True)
 
 
 def default_url() -> str:
