@@ -135,12 +135,14 @@ EXPECTED_INDEXES = {
         "ix_runs_parent_id": ["parent_id"],
         "ix_runs_started_at": ["started_at"],
         "ix_runs_outcome": ["outcome"],
+        "ix_runs_running": ["parent_id", "started_at"],
     },
     "calls": {
         "ix_calls_run_id": ["run_id"],
         "ix_calls_root_run_id": ["root_run_id"],
         "ix_calls_started_at": ["started_at"],
         "ix_calls_model_started_at": ["model", "started_at"],
+        "ix_calls_tool_charges": ["root_run_id"],
     },
     "budgets": {},
     "budget_windows": {},
@@ -415,6 +417,8 @@ def test_upgrading_a_filled_ledger_keeps_every_row(engine: sa.Engine) -> None:
 
 def test_each_revision_downgrades_cleanly(engine: sa.Engine) -> None:
     schema.upgrade(engine)
+    schema.downgrade(engine, "0003")
+    assert "ix_runs_running" not in {i["name"] for i in sa.inspect(engine).get_indexes("runs")}
     schema.downgrade(engine, "0002")
     assert "outcome" not in {c["name"] for c in sa.inspect(engine).get_columns("runs")}
     schema.downgrade(engine, "0001")
@@ -718,5 +722,6 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (location / "env.py").is_file()
     assert (location / "versions" / "0002_budgets.py").is_file()
     assert (location / "versions" / "0003_outcomes_and_tools.py").is_file()
-    assert "0003" == schema.head_revision()
+    assert (location / "versions" / "0004_report_indexes.py").is_file()
+    assert "0004" == schema.head_revision()
     assert os.path.basename(location) == "migrations"

@@ -385,8 +385,10 @@ _KEY_HEADERS = {
     "provider": "Provider",
     "status": "Run status",
     "day": "Day (UTC)",
+    "hour": "Hour (UTC)",
+    "outcome": "Outcome",
 }
-_KEY_MISSING = {"agent": "(outside runs)", "status": "(outside runs)"}
+_KEY_MISSING = {"agent": "(outside runs)", "status": "(outside runs)", "outcome": "(no outcome)"}
 _REPORT_CAPTION = "Tokens: In includes Cached, Out includes Reasoning. Cost in USD."
 
 
@@ -466,11 +468,19 @@ def report_table(
         for row in rows:
             value = row.key[name]
             if value is None:
-                cells.append(f"[dim]{_KEY_MISSING.get(name, '(unknown)')}[/]")
+                missing = _KEY_MISSING.get(
+                    name, "(no tag)" if name.startswith("tag:") else "(unknown)"
+                )
+                cells.append(f"[dim]{missing}[/]")
             else:
                 cells.append(_status(value) if name == "status" else _escape(value))
         keys.append(
-            _Column(_KEY_HEADERS[name], cells, "[bold]Total[/]" if position == 0 else "", name=True)
+            _Column(
+                _KEY_HEADERS.get(name, name),
+                cells,
+                "[bold]Total[/]" if position == 0 else "",
+                name=True,
+            )
         )
     figures = _report_columns(rows, by)
     return _fit_table(
@@ -744,7 +754,8 @@ def calls_command(
     default="agent",
     show_default=True,
     metavar="DIMS",
-    help="Group by one or more of agent, model, provider, status, day (comma-separated).",
+    help="Group by one or more of agent, model, provider, status, day, hour, outcome or "
+    "tag:KEY (comma-separated).",
 )
 @click.option("--since", metavar="WHEN", help=_SINCE_HELP)
 @click.option(
@@ -768,7 +779,8 @@ def report_command(
     except ConfigurationError as exc:
         raise click.BadParameter(
             f"{by!r} is not a list of report dimensions; use one or more of "
-            f"{', '.join(REPORT_DIMENSIONS)}, separated by commas (for example agent,model).",
+            f"{', '.join(REPORT_DIMENSIONS)} or tag:KEY, separated by commas (for example "
+            "agent,model).",
             param_hint="'--by'",
         ) from exc
     start = _since_value(since)
@@ -1208,3 +1220,10 @@ def db_current(db_url: str | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``tokenledger`` console script."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="tokenledger")
+
+
+# The reporting commands build on the helpers above, so they are registered last.
+from tokenledger.cli_reports import COMMANDS as _REPORT_COMMANDS  # noqa: E402
+
+for _command in _REPORT_COMMANDS:
+    cli.add_command(_command)

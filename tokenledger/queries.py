@@ -21,20 +21,41 @@ to exactly one run:
 
 Either way each call is counted once, so grouping by model, by agent, or by both gives
 rows that add up to the same total. Calls made outside any run are reported under agent
-``None``. ``since`` selects runs by when they started (and calls outside runs by when
-they were sent), so a run and all of its calls stay together.
+``None``.
+
+Speed: a root run's stored totals *are* the sums of its tree's calls once it has ended
+(its row is rewritten when it ends, after its calls), so a root-only report grouped by
+properties of runs (agent, status, day, hour, outcome, tags) sums one row per root run
+instead of one per call, and only root runs still ``running`` are summed from their
+calls (see ``_run_totals``). Grouping by model or provider, or with ``root_only=False``,
+reads the calls. ``since`` selects runs by when they started (and calls outside runs by when
+they were sent), so a run and all of its calls stay together; ``until`` is the
+exclusive end of the same window.
+
+Cost per successful outcome
+---------------------------
+`cost_per_outcome` answers "what does one successful outcome cost?" for **root runs**
+(one whole request each, sub-agents included). It reads each root run's stored totals and
+divides the cost of *every* run in the window (failed, errored, over budget, still
+running, or without an outcome yet) by the number of successes; `success_rule`
+documents what counts as one. Percentiles are computed in Python from the exact
+per-run costs, so both engines give the same Decimal answer.
+
+Tag keys and values, agent names and outcome labels reach the database only as bound
+parameters, never as SQL text.
 
 .. versionadded:: 0.1.0
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Sequence
-from decimal import Decimal
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -43,27 +64,55 @@ from tokenledger.storage import calls as calls_table
 from tokenledger.storage import runs as runs_table
 
 __all__ = [
+    "PERCENTILES",
     "REPORT_DIMENSIONS",
+    "TAG_PREFIX",
     "CallRow",
     "LedgerCounts",
+    "OutcomeEconomics",
+    "OutcomeRow",
     "ReportRow",
     "RunRow",
+    "cost_per_outcome",
+    "cost_per_outcome_by_agent",
     "counts",
     "list_calls",
     "list_runs",
+    "nearest_rank",
+    "outcomes",
     "parse_report_by",
     "parse_since",
+    "parse_success",
     "report",
+    "success_rule",
 ]
 
-#: What `report` can group by, in the order the CLI documents them.
-REPORT_DIMENSIONS: tuple[str, ...] = ("agent", "model", "provider", "status", "day")
+#: What `report` can group by, in the order the CLI documents them; any run tag can be
+#: grouped by too, written ``tag:KEY`` (`TAG_PREFIX`).
+REPORT_DIMENSIONS: tuple[str, ...] = (
+    "agent",
+    "model",
+    "provider",
+    "status",
+    "day",
+    "hour",
+    "outcome",
+)
+#: ``tag:tenant`` groups a report by the run tag ``tenant``.
+TAG_PREFIX = "tag:"
+#: The per-run cost percentiles `cost_per_outcome` reports.
+PERCENTILES: tuple[int, ...] = (50, 90, 99)
+
+V = TypeVar("V")
 
 _UTC = dt.timezone.utc
 # Money columns are NUMERIC(24, 12): every amount is a whole number of 10^-12 dollars.
 _MONEY_QUANTUM = Decimal("1e-12")
+# Rates and per-run means of counts: six places are more than any reader needs.
+_RATIO_QUANTUM = Decimal("1e-6")
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+_FAILED_RUN_STATUSES = frozenset({"error", "budget_exceeded"})
 
 
 # ------------------------------------------------------------------------------- rows
@@ -71,7 +120,11 @@ _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RunRow:
-    """One run as stored; token and cost totals include its descendant runs."""
+    """One run as stored; token and cost totals include its descendant runs.
+
+    ``outcome`` and ``outcome_value`` are what the run achieved and what that is worth
+    (None until an outcome is recorded, possibly hours later from another process).
+    """
 
     id: str
     name: str
@@ -93,6 +146,9 @@ class RunRow:
     unpriced_calls: int
     trace_id: str | None
     span_id: str | None
+    outcome: str | None = None
+    outcome_value: Decimal | None = None
+    outcome_at: dt.datetime | None = None
 
     @property
     def is_root(self) -> bool:
@@ -107,7 +163,11 @@ class RunRow:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class CallRow:
-    """One model call as stored, with the name of the run that made it (``agent``)."""
+    """One model call as stored, with the name of the run that made it (``agent``).
+
+    A cost that is not a model call (``run.charge``) is a call with operation
+    ``execute_tool``, no model, and the charged tool in ``tool_name``.
+    """
 
     id: str
     run_id: str | None
@@ -135,17 +195,18 @@ class CallRow:
     litellm_call_id: str | None
     trace_id: str | None
     span_id: str | None
+    tool_name: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ReportRow:
     """One group of a cost report.
 
-    ``key`` maps each ``by`` dimension to its value (``None``: calls outside any run, or
-    a call with no model or provider recorded). ``runs`` counts the distinct runs the
-    group's calls were attributed to (runs that made no call count too when grouping
-    by agent, status or day only); ``cost_usd`` excludes the ``unpriced_calls``, whose
-    models had no price.
+    ``key`` maps each ``by`` dimension to its value (``None``: calls outside any run, a
+    call with no model or provider recorded, a run without an outcome or without the
+    tag). ``runs`` counts the distinct runs the group's calls were attributed to (runs
+    that made no call count too when grouping by properties of runs only); ``cost_usd``
+    includes tool charges and excludes the ``unpriced_calls``, whose models had no price.
     """
 
     key: dict[str, str | None]
@@ -180,6 +241,72 @@ class LedgerCounts:
     last_call_at: dt.datetime | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutcomeEconomics:
+    """What one successful outcome costs, from the root runs of one agent (or of all).
+
+    ``total_cost_usd`` is the cost of **every** root run in the window (errored, over
+    budget, still running, or without an outcome included): failures are part of what
+    a success costs. ``cost_per_success_usd`` is that total divided by ``successes``
+    (None when there are none). ``success_labels`` is the success rule applied (None:
+    the default rule); `success_rule` says it in words.
+
+    Per-run figures are over the same runs; a run's cost, tokens and calls include its
+    sub-agents'. ``pNN_cost_per_run_usd`` are nearest-rank percentiles (see
+    `nearest_rank`): each is the cost of an actual run, never an interpolation.
+    ``outcome_value_usd`` sums the values recorded with outcomes (None when no run has
+    one) and ``margin_usd`` is that value minus ``total_cost_usd``. ``unpriced_calls``
+    counts calls whose model had no price: their cost is missing from every figure.
+
+    .. versionadded:: 0.1.0
+    """
+
+    agent: str | None
+    success_labels: tuple[str, ...] | None
+    runs: int
+    successes: int
+    failed_runs: int
+    runs_without_outcome: int
+    success_rate: Decimal
+    total_cost_usd: Decimal
+    cost_per_success_usd: Decimal | None
+    mean_cost_per_run_usd: Decimal
+    p50_cost_per_run_usd: Decimal
+    p90_cost_per_run_usd: Decimal
+    p99_cost_per_run_usd: Decimal
+    mean_tokens_per_run: Decimal
+    mean_calls_per_run: Decimal
+    outcome_value_usd: Decimal | None
+    margin_usd: Decimal | None
+    unpriced_calls: int
+
+    @property
+    def success_rule(self) -> str:
+        """What counted as a success, as a phrase: see `success_rule`."""
+        return success_rule(self.success_labels)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutcomeRow:
+    """How many runs of one agent ended with one outcome label, and what they were worth.
+
+    ``outcome`` None groups the runs with no outcome recorded (yet). ``share`` is the
+    fraction of the agent's runs in the window. ``value_usd`` sums the values recorded
+    with the outcome (None when none was), over ``runs_with_value`` runs; ``cost_usd`` is
+    what those runs cost, sub-agents included.
+
+    .. versionadded:: 0.1.0
+    """
+
+    agent: str
+    outcome: str | None
+    runs: int
+    share: Decimal
+    runs_with_value: int
+    value_usd: Decimal | None
+    cost_usd: Decimal
+
+
 # ---------------------------------------------------------------------------- parsing
 
 
@@ -188,7 +315,8 @@ def parse_since(value: str | dt.datetime, *, now: dt.datetime | None = None) -> 
 
     Accepts a duration back from now (``30s``, ``30m``, ``24h``, ``7d``, ``2w``), an ISO
     date (``2025-01-31``, midnight UTC) or an ISO datetime (``2025-01-31T12:00``; UTC
-    unless it carries an offset), or a datetime.
+    unless it carries an offset), or a datetime. The same forms give the end of a window
+    (``until``).
 
     Raises:
         ConfigurationError: the value is none of these.
@@ -216,28 +344,108 @@ def parse_since(value: str | dt.datetime, *, now: dt.datetime | None = None) -> 
     )
 
 
+def _window(
+    since: str | dt.datetime | None, until: str | dt.datetime | None
+) -> tuple[dt.datetime | None, dt.datetime | None]:
+    start = parse_since(since) if since is not None else None
+    if until is None:
+        return start, None
+    try:
+        end = parse_since(until)
+    except ConfigurationError as exc:
+        raise ConfigurationError(str(exc).replace("`since`", "`until`", 1)) from exc
+    if start is not None and end < start:
+        raise ConfigurationError(
+            f"`until` ({end.isoformat()}) is before `since` ({start.isoformat()}); the "
+            "window must end after it starts."
+        )
+    return start, end
+
+
 def parse_report_by(by: str | Sequence[str]) -> tuple[str, ...]:
-    """Check report dimensions; a string is split on commas (``"agent,model"``).
+    """Check report dimensions; a string is split on commas (``"agent,tag:tenant"``).
+
+    Dimension names are case-insensitive; the key of ``tag:KEY`` is kept exactly as
+    written (tag keys are case-sensitive).
 
     Raises:
         ConfigurationError: an unknown, repeated or missing dimension.
     """
     items = by.split(",") if isinstance(by, str) else list(by)
-    names = tuple(str(item).strip().lower() for item in items)
-    accepted = ", ".join(REPORT_DIMENSIONS)
+    accepted = ", ".join(REPORT_DIMENSIONS) + f", or {TAG_PREFIX}KEY for any run tag"
+    names: list[str] = []
+    for item in items:
+        text = str(item).strip()
+        if text[: len(TAG_PREFIX)].lower() == TAG_PREFIX:
+            key = text[len(TAG_PREFIX) :]
+            if not key:
+                raise ConfigurationError(
+                    f"`by` has {text!r}, which names no tag key; write {TAG_PREFIX}KEY, "
+                    f"for example {TAG_PREFIX}tenant."
+                )
+            names.append(TAG_PREFIX + key)
+        else:
+            names.append(text.lower())
     if not names or any(not name for name in names):
         raise ConfigurationError(
             f"`by` is {by!r}; give one or more of {accepted}, separated by commas."
         )
     for name in names:
-        if name not in REPORT_DIMENSIONS:
+        if name not in REPORT_DIMENSIONS and not name.startswith(TAG_PREFIX):
             raise ConfigurationError(
                 f"`by` has {name!r}, which is not something a report can group by; "
                 f"use one or more of {accepted}."
             )
     if len(set(names)) != len(names):
         raise ConfigurationError(f"`by` is {by!r}; name each dimension once.")
-    return names
+    return tuple(names)
+
+
+def parse_success(success: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """The outcome labels that count as a success; a string is split on commas.
+
+    None keeps the default rule (see `success_rule`).
+
+    Raises:
+        ConfigurationError: no label, or a label that is not a string.
+
+    .. versionadded:: 0.1.0
+    """
+    if success is None:
+        return None
+    items = success.split(",") if isinstance(success, str) else list(success)
+    labels: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigurationError(
+                f"`success` has {item!r}; outcome labels are strings, e.g. 'resolved'."
+            )
+        if item.strip():
+            labels.append(item.strip())
+    if not labels:
+        raise ConfigurationError(
+            f"`success` is {success!r}; name the outcome labels that count as a success, "
+            "e.g. resolved,accepted (or leave it out for the default rule)."
+        )
+    return tuple(dict.fromkeys(labels))
+
+
+def success_rule(labels: Sequence[str] | None) -> str:
+    """What counts as a successful run, in words.
+
+    * ``labels`` given: a root run whose outcome is one of them, whatever its status
+      (an outcome is the business result, often recorded later from elsewhere, and it
+      wins over how the agent's code ended).
+    * ``None`` (the default): a root run that ended ``ok`` **and** has an outcome
+      recorded, whatever the label. This suits ledgers that record an outcome only when
+      something was achieved; if you also record failures as outcomes ("rejected",
+      "escalated"), name the success labels instead.
+
+    .. versionadded:: 0.1.0
+    """
+    if labels is None:
+        return "a run that ended ok with an outcome recorded (any label)"
+    return "a run whose outcome is " + " or ".join(repr(label) for label in labels)
 
 
 def _check_limit(limit: int | None) -> int | None:
@@ -264,10 +472,22 @@ def _money(value: Any) -> Decimal:
     return amount.quantize(_MONEY_QUANTUM)
 
 
+def _optional_money(value: Any) -> Decimal | None:
+    return None if value is None else _money(value)
+
+
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
+
+
+def _ratio(numerator: Decimal | int, denominator: int) -> Decimal:
+    return (Decimal(numerator) / denominator).quantize(_RATIO_QUANTUM, ROUND_HALF_EVEN)
+
+
+def _per(amount: Decimal, count: int) -> Decimal:
+    return (amount / count).quantize(_MONEY_QUANTUM, ROUND_HALF_EVEN)
 
 
 # ------------------------------------------------------------------------------ runs
@@ -278,9 +498,11 @@ _RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRow))
 def _run_row(mapping: Any) -> RunRow:
     values = {name: mapping[name] for name in _RUN_FIELDS}
     values["cost_usd"] = _money(values["cost_usd"])
+    values["outcome_value"] = _optional_money(values["outcome_value"])
     values["tags"] = dict(values["tags"] or {})
     values["started_at"] = _utc(values["started_at"])
     values["ended_at"] = _utc(values["ended_at"])
+    values["outcome_at"] = _utc(values["outcome_at"])
     return RunRow(**values)
 
 
@@ -291,18 +513,23 @@ def list_runs(
     agent: str | None = None,
     since: str | dt.datetime | None = None,
     root_only: bool = False,
+    until: str | dt.datetime | None = None,
 ) -> list[RunRow]:
     """The newest runs first, optionally only one agent's, only root runs, or recent ones.
 
+    ``since`` and ``until`` select runs by when they started (``until`` exclusive).
     ``limit`` of 0 or None returns every match. .. versionadded:: 0.1.0
     """
     limit = _check_limit(limit)
+    start, end = _window(since, until)
     r = runs_table
     query = sa.select(*(r.c[name] for name in _RUN_FIELDS))
     if agent is not None:
         query = query.where(r.c.name == agent)
-    if since is not None:
-        query = query.where(r.c.started_at >= parse_since(since))
+    if start is not None:
+        query = query.where(r.c.started_at >= start)
+    if end is not None:
+        query = query.where(r.c.started_at < end)
     if root_only:
         query = query.where(r.c.parent_id.is_(None))
     query = query.order_by(r.c.started_at.desc(), r.c.id.desc()).limit(limit)
@@ -334,14 +561,17 @@ def list_calls(
     run_id: str | None = None,
     model: str | None = None,
     since: str | dt.datetime | None = None,
+    until: str | dt.datetime | None = None,
 ) -> list[CallRow]:
     """The newest calls first.
 
     ``run_id`` selects the calls of that run and of every run below it (the calls its
-    totals count). ``model`` matches the served or the requested model. ``limit`` of 0
+    totals count). ``model`` matches the served or the requested model. ``since`` and
+    ``until`` select calls by when they were sent (``until`` exclusive). ``limit`` of 0
     or None returns every match. .. versionadded:: 0.1.0
     """
     limit = _check_limit(limit)
+    start, end = _window(since, until)
     c, r = calls_table, runs_table
     query = sa.select(*(c.c[name] for name in _CALL_FIELDS), r.c.name.label("agent")).select_from(
         c.outerjoin(r, c.c.run_id == r.c.id)
@@ -355,8 +585,10 @@ def list_calls(
         query = query.where(c.c.run_id.in_(sa.select(tree.c.id)))
     if model is not None:
         query = query.where(sa.or_(c.c.model == model, c.c.requested_model == model))
-    if since is not None:
-        query = query.where(c.c.started_at >= parse_since(since))
+    if start is not None:
+        query = query.where(c.c.started_at >= start)
+    if end is not None:
+        query = query.where(c.c.started_at < end)
     query = query.order_by(c.c.started_at.desc(), c.c.id.desc()).limit(limit)
     with engine.connect() as connection:
         return [_call_row(row._mapping) for row in connection.execute(query)]
@@ -377,11 +609,58 @@ def _unpriced(c: sa.Table) -> sa.ColumnElement[int]:
 
 
 def _day(engine: sa.Engine, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The UTC calendar date of a timestamp, as ``YYYY-MM-DD`` text, on either engine."""
+    """The UTC calendar day of a timestamp, on either engine (`_key_text` formats it).
+
+    PostgreSQL: ``date_trunc`` of the UTC time, a timestamp (much cheaper per row than
+    ``to_char``, which matters over a hundred thousand runs). SQLite: UTCDateTime stores
+    UTC text "YYYY-MM-DD HH:MM:SS.ffffff", whose first 10 characters are the day.
+    """
     if engine.dialect.name == "postgresql":
-        return sa.func.to_char(sa.func.timezone("UTC", column), "YYYY-MM-DD")
-    # SQLite: UTCDateTime stores UTC text "YYYY-MM-DD HH:MM:SS.ffffff".
+        return sa.func.date_trunc("day", sa.func.timezone("UTC", column))
     return sa.func.substr(column, 1, 10)
+
+
+def _hour(engine: sa.Engine, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The UTC hour of a timestamp, on either engine (`_key_text` formats it)."""
+    if engine.dialect.name == "postgresql":
+        return sa.func.date_trunc("hour", sa.func.timezone("UTC", column))
+    return sa.func.substr(column, 1, 13) + ":00"
+
+
+@contextlib.contextmanager
+def _reading(engine: sa.Engine) -> Iterator[sa.Connection]:
+    """A connection for an aggregate over many rows.
+
+    On PostgreSQL the transaction gets ``work_mem`` of 64 MB (``SET LOCAL``: only until
+    it ends). Grouping runs by a computed key (the day, a tag), the planner cannot
+    estimate the number of groups and sorts every row; at the 4 MB default that sort of
+    a hundred thousand runs spills to disk and takes several times longer.
+    """
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+        yield connection
+
+
+def _tag(engine: sa.Engine, tags: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[Any]:
+    """The value of run tag ``key`` (NULL when the run has no such tag), key bound.
+
+    PostgreSQL: ``tags ->> :key`` on the JSONB column. SQLite: a lookup through
+    ``json_each``, not ``json_extract``: a JSON path cannot name every key (SQLite does
+    not unescape ``"`` or ``\\`` in a path, and the stored document escapes non-ASCII
+    keys as ``\\u00fc``, which a path never matches), while ``json_each`` decodes keys.
+    """
+    if engine.dialect.name == "postgresql":
+        value: sa.ColumnElement[Any] = tags[key].as_string()
+        return value
+    each = sa.func.json_each(tags).table_valued("key", "value").alias()
+    return sa.select(each.c.value).where(each.c.key == key).scalar_subquery()
+
+
+def _model_key(c: sa.Table) -> sa.ColumnElement[Any]:
+    """The served model, else the requested one; ``tool:NAME`` for a tool charge."""
+    tool = sa.case((c.c.operation == "execute_tool", sa.literal("tool:") + c.c.tool_name))
+    return sa.func.coalesce(c.c.model, c.c.requested_model, tool)
 
 
 def _sums(c: sa.Table) -> list[sa.ColumnElement[Any]]:
@@ -403,84 +682,147 @@ def _sums(c: sa.Table) -> list[sa.ColumnElement[Any]]:
     ]
 
 
+_CALL_DIMENSIONS = frozenset({"model", "provider"})
+
+
 def report(
     engine: sa.Engine,
     *,
     by: str | Sequence[str] = ("agent",),
     since: str | dt.datetime | None = None,
     root_only: bool = True,
+    until: str | dt.datetime | None = None,
 ) -> list[ReportRow]:
-    """Cost and tokens grouped by any of agent, model, provider, status and day.
+    """Cost and tokens grouped by agent, model, provider, status, day, hour, outcome or tag.
 
     * ``agent``: the name of the run each call is attributed to (see ``root_only``);
-    * ``model``: the model that served the call, else the one requested;
+    * ``model``: the model that served the call, else the one requested; a tool charge
+      (``run.charge``) is ``tool:NAME``;
     * ``provider``: the provider that served the call;
     * ``status``: the status of the attributed run (ok, error, budget_exceeded, ...);
-    * ``day``: the UTC date the attributed run started (``YYYY-MM-DD``).
+    * ``day`` / ``hour``: when the attributed run started, UTC (``YYYY-MM-DD`` /
+      ``YYYY-MM-DD HH:00``);
+    * ``outcome``: the attributed run's outcome label (None: no outcome recorded);
+    * ``tag:KEY``: the attributed run's value of tag ``KEY`` (None: no such tag).
 
-    Sums are over calls, each attributed to exactly one run, so nothing is counted twice
-    (the module docstring explains why run totals are not summed). Rows come most
-    expensive first. .. versionadded:: 0.1.0
+    ``since`` / ``until`` bound when the attributed run started (``until`` exclusive).
+    Every call, tool charges included, is attributed to exactly one run, so nothing is
+    counted twice; root-only reports by properties of runs read each root run's totals
+    (its calls' sums) instead of its calls, which is what keeps them fast (the module
+    docstring explains both). Rows come most expensive first. .. versionadded:: 0.1.0
     """
     dimensions = parse_report_by(by)
-    start = parse_since(since) if since is not None else None
+    start, end = _window(since, until)
     c, r = calls_table, runs_table
 
-    # Calls attributed to a run (its root, or itself): runs joined to calls.
-    run_keys: dict[str, sa.ColumnElement[Any]] = {
-        "agent": r.c.name,
-        "model": sa.func.coalesce(c.c.model, c.c.requested_model),
-        "provider": c.c.provider,
-        "status": r.c.status,
-        "day": _day(engine, r.c.started_at),
-    }
-    link = c.c.root_run_id if root_only else c.c.run_id
-    # Grouped by run only, a run that made no call is still a run (an outer join);
-    # grouped by a property of calls (model, provider), it belongs to no group.
-    by_calls = any(name in ("model", "provider") for name in dimensions)
-    joined = r.join(c, link == r.c.id) if by_calls else r.outerjoin(c, link == r.c.id)
-    keys = [run_keys[name].label(f"k_{name}") for name in dimensions]
-    in_runs = (
-        sa.select(*keys, sa.func.count(sa.distinct(r.c.id)).label("runs"), *_sums(c))
-        .select_from(joined)
-        .group_by(*keys)
-    )
-    if root_only:
-        in_runs = in_runs.where(r.c.parent_id.is_(None))
+    def run_key(name: str) -> sa.ColumnElement[Any]:
+        if name.startswith(TAG_PREFIX):
+            return _tag(engine, r.c.tags, name[len(TAG_PREFIX) :])
+        return {
+            "agent": r.c.name,
+            "model": _model_key(c),
+            "provider": c.c.provider,
+            "status": r.c.status,
+            "day": _day(engine, r.c.started_at),
+            "hour": _hour(engine, r.c.started_at),
+            "outcome": r.c.outcome,
+        }[name]
+
+    with _reading(engine) as connection:
+        return _report(connection, engine, dimensions, run_key, start, end, root_only=root_only)
+
+
+def _report(
+    connection: sa.Connection,
+    engine: sa.Engine,
+    dimensions: tuple[str, ...],
+    run_key: Callable[[str], sa.ColumnElement[Any]],
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    *,
+    root_only: bool,
+) -> list[ReportRow]:
+    c, r = calls_table, runs_table
+    # Labels are positional (k0, k1, ...) so no user text (a tag key) ever becomes SQL.
+    keys = [run_key(name).label(f"k{i}") for i, name in enumerate(dimensions)]
+    by_calls = any(name in _CALL_DIMENSIONS for name in dimensions)
+    if root_only and not by_calls:
+        # Grouped by properties of root runs only: each root run's totals are the sums
+        # of its tree's calls (see _run_totals), so sum one row per run, not per call.
+        # Runs that made no call count as runs, as with the join below.
+        from_clause, figures = _run_totals(connection, agent=None, start=start, end=end)
+        in_runs = (
+            sa.select(
+                *keys,
+                sa.func.count(r.c.id).label("runs"),
+                *(
+                    (
+                        sa.func.sum(figures[name])
+                        if name == "cost_usd"
+                        else sa.func.coalesce(sa.func.sum(figures[name]), 0)
+                    ).label(name)
+                    for name in _FIGURES
+                ),
+            )
+            .select_from(from_clause)
+            .where(r.c.parent_id.is_(None))
+            .group_by(*keys)
+        )
+    else:
+        # Calls attributed to a run (its root, or itself): runs joined to calls. Grouped
+        # by run only, a run that made no call is still a run (an outer join); grouped
+        # by a property of calls (model, provider), it belongs to no group.
+        link = c.c.root_run_id if root_only else c.c.run_id
+        joined = r.join(c, link == r.c.id) if by_calls else r.outerjoin(c, link == r.c.id)
+        in_runs = (
+            sa.select(*keys, sa.func.count(sa.distinct(r.c.id)).label("runs"), *_sums(c))
+            .select_from(joined)
+            .group_by(*keys)
+        )
+        if root_only:
+            in_runs = in_runs.where(r.c.parent_id.is_(None))
     if start is not None:
         in_runs = in_runs.where(r.c.started_at >= start)
+    if end is not None:
+        in_runs = in_runs.where(r.c.started_at < end)
 
-    # Calls made outside any run: no agent, no run status; their own day.
-    outside_keys: dict[str, sa.ColumnElement[Any]] = {
-        "agent": sa.null(),
-        "model": sa.func.coalesce(c.c.model, c.c.requested_model),
-        "provider": c.c.provider,
-        "status": sa.null(),
-        "day": _day(engine, c.c.started_at),
-    }
-    okeys = [outside_keys[name].label(f"k_{name}") for name in dimensions]
+    # Calls made outside any run: no agent, run status, outcome or tags; their own time.
+    def outside_key(name: str) -> sa.ColumnElement[Any] | None:
+        return {
+            "model": _model_key(c),
+            "provider": c.c.provider,
+            "day": _day(engine, c.c.started_at),
+            "hour": _hour(engine, c.c.started_at),
+        }.get(name)
+
+    real = [outside_key(name) for name in dimensions]
+    okeys = [
+        (sa.null() if expression is None else expression).label(f"k{i}")
+        for i, expression in enumerate(real)
+    ]
     outside = sa.select(*okeys, sa.literal(0).label("runs"), *_sums(c)).where(c.c.run_id.is_(None))
     if start is not None:
         outside = outside.where(c.c.started_at >= start)
+    if end is not None:
+        outside = outside.where(c.c.started_at < end)
     # group_by on expressions that are NULL constants is not portable; group by the
     # real columns only and let the constant ride along.
-    real = [outside_keys[name] for name in dimensions if name not in ("agent", "status")]
-    if real:
-        outside = outside.group_by(*real)
+    grouped = [expression for expression in real if expression is not None]
+    if grouped:
+        outside = outside.group_by(*grouped)
 
     # A model (or provider, or day) used both inside and outside runs comes back from
     # both queries: add the two rows up. The sets of runs are disjoint, so runs add too.
     groups: dict[tuple[str | None, ...], dict[str, Any]] = {}
-    with engine.connect() as connection:
-        for query in (in_runs, outside):
-            for row in connection.execute(query):
-                m = row._mapping
-                if not m["calls"] and not m["runs"]:
-                    continue  # the outside query's single row when there are none
-                key = tuple(_key_text(m[f"k_{name}"]) for name in dimensions)
-                group = groups.setdefault(key, dict.fromkeys(_REPORT_FIELDS, 0))
-                for name in _REPORT_FIELDS:
-                    group[name] += _money(m[name]) if name == "cost_usd" else int(m[name])
+    for query in (in_runs, outside):
+        for row in connection.execute(query):
+            m = row._mapping
+            if not m["calls"] and not m["runs"]:
+                continue  # the outside query's single row when there are none
+            key = tuple(_key_text(m[f"k{i}"], name) for i, name in enumerate(dimensions))
+            group = groups.setdefault(key, dict.fromkeys(_REPORT_FIELDS, 0))
+            for name in _REPORT_FIELDS:
+                group[name] += _money(m[name]) if name == "cost_usd" else int(m[name])
     rows = [
         ReportRow(key=dict(zip(dimensions, key, strict=True)), **values)
         for key, values in groups.items()
@@ -492,12 +834,391 @@ def report(
 _REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(ReportRow) if f.name != "key")
 
 
-def _key_text(value: Any) -> str | None:
+def _key_text(value: Any, dimension: str = "") -> str | None:
+    """A report key as text: a day as ``YYYY-MM-DD``, an hour as ``YYYY-MM-DD HH:00``."""
     if value is None:
         return None
+    if isinstance(value, dt.datetime) and dimension == "hour":
+        return value.strftime("%Y-%m-%d %H:00")
     if isinstance(value, (dt.date, dt.datetime)):
         return value.isoformat()[:10]
     return str(value)
+
+
+# ------------------------------------------------------------------------ outcomes
+
+
+def nearest_rank(sorted_values: Sequence[V], percentile: int) -> V:
+    """The ``percentile``-th percentile of ``sorted_values`` by the nearest-rank method.
+
+    The smallest value such that at least ``percentile`` % of the values are less than
+    or equal to it: the value at 1-based rank ``ceil(percentile / 100 * n)``. Always one
+    of the observed values (an actual run's cost, exact), never an interpolation, so
+    SQLite and PostgreSQL agree to the last digit. Of 0.10, 0.20, 0.30, 0.40 and 1.00,
+    p50 is 0.30 (rank 3) and p90 and p99 are 1.00 (rank 5).
+
+    .. versionadded:: 0.1.0
+    """
+    if not sorted_values:
+        raise ConfigurationError("A percentile needs at least one value.")
+    if isinstance(percentile, bool) or not isinstance(percentile, int) or not 0 < percentile <= 100:
+        raise ConfigurationError(
+            f"`percentile` is {percentile!r}; it must be a whole number from 1 to 100."
+        )
+    rank = -(-percentile * len(sorted_values) // 100)  # ceil, in integers
+    return sorted_values[max(rank, 1) - 1]
+
+
+_FIGURES = (
+    "calls",
+    "failed_calls",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "cost_usd",
+    "unpriced_calls",
+)
+
+
+# A constant, not a bound parameter: a partial index on running runs (see the
+# benchmark notes) can only serve a query whose condition is literally its own.
+_RUNNING: sa.ColumnElement[Any] = sa.literal_column("'running'")
+
+
+def _run_totals(
+    connection: sa.Connection,
+    *,
+    agent: str | None,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+) -> tuple[sa.FromClause, dict[str, sa.ColumnElement[Any]]]:
+    """The runs table with each root run's totals, right even while it is running.
+
+    A run's row is written when it starts (totals zero) and again when it ends (final
+    totals, sub-agents' calls and tool charges included); its calls are written as they
+    happen. So an ended run's stored totals are its calls' sums, and reading them is
+    what keeps reports fast: one row per run instead of one per call. A root run still
+    ``running`` (in flight, or its process died before it ended) has stale totals: its
+    figures are summed from its calls instead (``root_run_id`` is indexed, and such runs
+    are few). Whether any root run in the window is running is asked first, so the
+    common case reads the runs table alone. Sub-agent runs keep their stored totals.
+    """
+    c, r = calls_table, runs_table
+    running_roots = _root_filter(
+        sa.select(r.c.id).where(r.c.status == _RUNNING), agent=agent, start=start, end=end
+    )
+    if connection.execute(running_roots.limit(1)).first() is None:
+        return r, {name: r.c[name] for name in _FIGURES}
+    live = (
+        sa.select(c.c.root_run_id.label("root_id"), *_sums(c))
+        .where(c.c.root_run_id.in_(running_roots))
+        .group_by(c.c.root_run_id)
+        .subquery("live")
+    )
+    from_clause = r.outerjoin(live, live.c.root_id == r.c.id)
+    summed = sa.and_(r.c.status == _RUNNING, r.c.parent_id.is_(None))
+    figures: dict[str, sa.ColumnElement[Any]] = {
+        name: sa.case((summed, sa.func.coalesce(live.c[name], 0)), else_=r.c[name])
+        for name in _FIGURES
+    }
+    return from_clause, figures
+
+
+def _root_filter(
+    query: sa.Select[Any],
+    *,
+    agent: str | None,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+) -> sa.Select[Any]:
+    r = runs_table
+    query = query.where(r.c.parent_id.is_(None))
+    if agent is not None:
+        query = query.where(r.c.name == agent)
+    if start is not None:
+        query = query.where(r.c.started_at >= start)
+    if end is not None:
+        query = query.where(r.c.started_at < end)
+    return query
+
+
+def _outcome_economics(
+    engine: sa.Engine,
+    *,
+    agent: str | None,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    labels: tuple[str, ...] | None,
+    per_agent: bool,
+) -> list[OutcomeEconomics]:
+    """`OutcomeEconomics` of the root runs in the window: one per agent, or one in all.
+
+    Counts and sums are SQL aggregates over the runs' totals (one row per run, not per
+    call). Percentiles need every run's cost: only those are fetched, sorted in Python,
+    and only the ranks reported are turned into Decimals. On SQLite the cost travels as
+    the stored float, whose order is the amounts' order, and the chosen value becomes
+    the same Decimal `list_runs` gives for that run.
+    """
+    with _reading(engine) as connection:
+        from_clause, figures = _run_totals(connection, agent=agent, start=start, end=end)
+        return _outcome_figures(
+            connection, engine, from_clause, figures, agent, start, end, labels, per_agent
+        )
+
+
+def _raw_rows(connection: sa.Connection, query: sa.Select[Any]) -> list[Any]:
+    """The rows of ``query`` as the driver returns them, with no `Row` objects.
+
+    For a hundred thousand per-run costs, building SQLAlchemy rows takes longer than
+    the query; the columns are plain types (no result processing to lose).
+    """
+    result = connection.execute(query)
+    try:
+        rows = list(result.cursor.fetchall())
+    finally:
+        result.close()
+    return rows
+
+
+def _outcome_figures(
+    connection: sa.Connection,
+    engine: sa.Engine,
+    from_clause: sa.FromClause,
+    figures: dict[str, sa.ColumnElement[Any]],
+    agent: str | None,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    labels: tuple[str, ...] | None,
+    per_agent: bool,
+) -> list[OutcomeEconomics]:
+    r = runs_table
+    success = (
+        sa.and_(r.c.outcome.is_not(None), r.c.status == "ok")
+        if labels is None
+        else r.c.outcome.in_(labels)
+    )
+
+    def count_of(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+        return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+    def total(expression: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        return sa.func.coalesce(sa.func.sum(expression), 0)
+
+    name = r.c.name if per_agent else sa.null()
+    aggregates = _root_filter(
+        sa.select(
+            name.label("name"),
+            sa.func.count(r.c.id).label("runs"),
+            count_of(success).label("successes"),
+            count_of(r.c.status.in_(tuple(_FAILED_RUN_STATUSES))).label("failed"),
+            count_of(r.c.outcome.is_(None)).label("without_outcome"),
+            sa.func.sum(figures["cost_usd"]).label("cost"),
+            total(figures["input_tokens"] + figures["output_tokens"]).label("tokens"),
+            total(figures["calls"]).label("calls"),
+            sa.func.sum(r.c.outcome_value).label("value"),
+            sa.func.count(r.c.outcome_value).label("valued"),
+            total(figures["unpriced_calls"]).label("unpriced"),
+        ).select_from(from_clause),
+        agent=agent,
+        start=start,
+        end=end,
+    )
+    if per_agent:
+        aggregates = aggregates.group_by(r.c.name)
+    cost = figures["cost_usd"]
+    sqlite = engine.dialect.name == "sqlite"
+    # Plain types, not Money: no per-row conversion (psycopg already gives Decimals).
+    raw_cost = sa.type_coerce(cost, sa.Float() if sqlite else sa.Numeric())
+    costs_query = _root_filter(
+        sa.select(name.label("name"), raw_cost.label("cost")).select_from(from_clause),
+        agent=agent,
+        start=start,
+        end=end,
+    )
+    costs: dict[str | None, list[Any]] = {}
+    found = [row for row in connection.execute(aggregates) if row.runs]
+    for row_name, amount in _raw_rows(connection, costs_query):
+        costs.setdefault(row_name, []).append(amount)
+
+    def exact(amount: Any) -> Decimal:
+        return _money(repr(amount) if isinstance(amount, float) else amount)
+
+    results = []
+    for row in found:
+        ranked = sorted(costs[row.name])
+        count, successes = int(row.runs), int(row.successes)
+        total_cost = _money(row.cost)
+        value = _money(row.value) if row.valued else None
+        results.append(
+            OutcomeEconomics(
+                agent=row.name if per_agent else agent,
+                success_labels=labels,
+                runs=count,
+                successes=successes,
+                failed_runs=int(row.failed),
+                runs_without_outcome=int(row.without_outcome),
+                success_rate=_ratio(successes, count),
+                total_cost_usd=total_cost,
+                cost_per_success_usd=_per(total_cost, successes) if successes else None,
+                mean_cost_per_run_usd=_per(total_cost, count),
+                p50_cost_per_run_usd=exact(nearest_rank(ranked, 50)),
+                p90_cost_per_run_usd=exact(nearest_rank(ranked, 90)),
+                p99_cost_per_run_usd=exact(nearest_rank(ranked, 99)),
+                mean_tokens_per_run=_ratio(int(row.tokens), count),
+                mean_calls_per_run=_ratio(int(row.calls), count),
+                outcome_value_usd=value,
+                margin_usd=None if value is None else value - total_cost,
+                unpriced_calls=int(row.unpriced),
+            )
+        )
+    return results
+
+
+def _no_runs(agent: str | None, start: dt.datetime | None, end: dt.datetime | None) -> str:
+    which = f"of agent {agent!r}" if agent is not None else "at all"
+    window = ""
+    if start is not None:
+        window += f" since {start.isoformat()}"
+    if end is not None:
+        window += f" until {end.isoformat()}"
+    return f"The ledger has no root runs {which}{window}"
+
+
+def cost_per_outcome(
+    engine: sa.Engine,
+    *,
+    agent: str | None = None,
+    success: str | Iterable[str] | None = None,
+    since: str | dt.datetime | None = None,
+    until: str | dt.datetime | None = None,
+) -> OutcomeEconomics:
+    """What one successful outcome of ``agent`` costs (``None``: all root runs together).
+
+    **Cost per successful outcome = total cost of all root runs in the window ÷ number
+    of successes**: errored runs, runs stopped by a budget, runs still running and runs
+    with no outcome (yet) all count in the cost. ``success`` names the outcome labels
+    that count as a success (a string is split on commas); by default a success is a
+    run that ended ok with any outcome recorded (`success_rule` explains both rules).
+
+    ``since`` / ``until`` bound when the runs started (``until`` exclusive). Percentiles
+    are nearest-rank over the exact per-run costs, computed in Python (`nearest_rank`),
+    so SQLite and PostgreSQL give identical Decimals.
+
+    Raises:
+        ConfigurationError: no root run matches (there is nothing to divide), or a bad
+            ``success``, ``since`` or ``until``.
+
+    .. versionadded:: 0.1.0
+    """
+    labels = parse_success(success)
+    start, end = _window(since, until)
+    found = _outcome_economics(
+        engine, agent=agent, start=start, end=end, labels=labels, per_agent=False
+    )
+    if not found:
+        raise ConfigurationError(
+            _no_runs(agent, start, end) + ", so there is no cost per outcome to compute. "
+            "Check the agent name (`tokenledger runs --root-only` lists them) and the window."
+        )
+    return found[0]
+
+
+def cost_per_outcome_by_agent(
+    engine: sa.Engine,
+    *,
+    success: str | Iterable[str] | None = None,
+    since: str | dt.datetime | None = None,
+    until: str | dt.datetime | None = None,
+    agent: str | None = None,
+) -> list[OutcomeEconomics]:
+    """`cost_per_outcome` for each agent that has root runs in the window, costliest first.
+
+    ``agent`` keeps only that agent's row. An empty ledger (or window, or an agent with no
+    root runs in it) gives an empty list instead of an error. .. versionadded:: 0.1.0
+    """
+    labels = parse_success(success)
+    start, end = _window(since, until)
+    rows = _outcome_economics(
+        engine, agent=agent, start=start, end=end, labels=labels, per_agent=True
+    )
+    rows.sort(key=lambda row: (-row.total_cost_usd, row.agent or ""))
+    return rows
+
+
+def outcomes(
+    engine: sa.Engine,
+    *,
+    agent: str | None = None,
+    since: str | dt.datetime | None = None,
+    until: str | dt.datetime | None = None,
+    root_only: bool = True,
+) -> list[OutcomeRow]:
+    """How many runs of each agent ended with each outcome, and what they were worth.
+
+    One row per agent and outcome label, runs with no outcome (yet) in a row of their
+    own (``outcome`` None); by agent, then most frequent first. ``root_only`` (the
+    default) counts root runs only; with False, sub-agent runs get rows too, and since a
+    run's cost includes its sub-agents', costs of a parent's and a child's rows overlap.
+    .. versionadded:: 0.1.0
+    """
+    start, end = _window(since, until)
+    with _reading(engine) as connection:
+        from_clause, figures = _run_totals(connection, agent=agent, start=start, end=end)
+        found = connection.execute(
+            _outcomes_query(from_clause, figures, agent, start, end, root_only=root_only)
+        ).all()
+    per_agent: dict[str, int] = {}
+    for name, _, count, *_ in found:
+        per_agent[name] = per_agent.get(name, 0) + int(count)
+    rows = [
+        OutcomeRow(
+            agent=name,
+            outcome=outcome,
+            runs=int(count),
+            share=_ratio(int(count), per_agent[name]),
+            runs_with_value=int(valued),
+            value_usd=_money(value) if valued else None,
+            cost_usd=_money(cost),
+        )
+        for name, outcome, count, valued, value, cost in found
+    ]
+    rows.sort(key=lambda row: (row.agent, -row.runs, row.outcome is None, row.outcome or ""))
+    return rows
+
+
+def _outcomes_query(
+    from_clause: sa.FromClause,
+    figures: dict[str, sa.ColumnElement[Any]],
+    agent: str | None,
+    start: dt.datetime | None,
+    end: dt.datetime | None,
+    *,
+    root_only: bool,
+) -> sa.Select[Any]:
+    r = runs_table
+    query = (
+        sa.select(
+            r.c.name,
+            r.c.outcome,
+            sa.func.count(r.c.id),
+            sa.func.count(r.c.outcome_value),
+            sa.func.sum(r.c.outcome_value),
+            sa.func.sum(figures["cost_usd"]),
+        )
+        .select_from(from_clause)
+        .group_by(r.c.name, r.c.outcome)
+    )
+    if root_only:
+        query = query.where(r.c.parent_id.is_(None))
+    if agent is not None:
+        query = query.where(r.c.name == agent)
+    if start is not None:
+        query = query.where(r.c.started_at >= start)
+    if end is not None:
+        query = query.where(r.c.started_at < end)
+    return query
 
 
 # ---------------------------------------------------------------------------- counts

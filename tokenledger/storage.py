@@ -425,6 +425,13 @@ runs = sa.Table(
     sa.Index(None, "parent_id"),  # a run's children
     sa.Index(None, "started_at"),  # everything in a time window
     sa.Index(None, "outcome"),  # cost per outcome
+    sa.Index(  # reports sum the calls of the few root runs still running
+        "ix_runs_running",
+        "parent_id",
+        "started_at",
+        postgresql_where=sa.text("status = 'running'"),
+        sqlite_where=sa.text("status = 'running'"),
+    ),
     comment="One row per agent run; totals roll up every descendant run's calls.",
 )
 
@@ -570,6 +577,12 @@ calls = sa.Table(
     sa.Index(None, "root_run_id"),  # a run tree's calls
     sa.Index(None, "started_at"),  # everything in a time window
     sa.Index(None, "model", "started_at"),  # cost per model over time
+    sa.Index(  # break-even separates tool charges from model cost
+        "ix_calls_tool_charges",
+        "root_run_id",
+        postgresql_where=sa.text("operation = 'execute_tool'"),
+        sqlite_where=sa.text("operation = 'execute_tool'"),
+    ),
     comment="One row per model call (each retry and fallback its own), with tokens and cost.",
 )
 
