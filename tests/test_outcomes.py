@@ -124,3 +124,19 @@ def test_a_bad_charge_gets_a_clear_error(ledger: Ledger) -> None:
             run.charge("x", usd=-1)
         with pytest.raises(ConfigurationError, match="Charge name '' is invalid"):
             run.charge("", usd="1")
+
+
+def test_the_ledger_reports_and_prices_outcomes_directly(ledger: Ledger) -> None:
+    for ok in (True, True, False):
+        with ledger.run("triage") as run:
+            ledger.record_call("gpt-4o-mini", input_tokens=1000, output_tokens=1000)
+            run.outcome("resolved" if ok else "escalated")
+    (row,) = ledger.report(by=["agent"], since="7d")
+    economics = ledger.cost_per_outcome(agent="triage", success=["resolved"])
+    # 3 runs x (1000 x $0.15/M + 1000 x $0.60/M) over 2 successes
+    assert Decimal("0.00225") == row.cost_usd
+    assert (3, 2, Decimal("0.001125")) == (
+        economics.runs,
+        economics.successes,
+        economics.cost_per_success_usd,
+    )

@@ -6,6 +6,7 @@ module-level ``tokenledger.run`` / ``agent`` / ``configure`` use a process-wide 
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import threading
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from tokenledger.budgets import BudgetStatus
     from tokenledger.capture import PendingCall
     from tokenledger.pricing import PriceBook
+    from tokenledger.queries import OutcomeEconomics, ReportRow
     from tokenledger.writer import BatchWriter
 
 __all__ = ["Ledger", "configure", "default_ledger"]
@@ -287,6 +289,53 @@ class Ledger:
         from tokenledger.budgets import parse_scope
 
         return self._budgets.store.remove(parse_scope(scope), per)
+
+    # -- reading the ledger -------------------------------------------------------------
+    def report(
+        self,
+        *,
+        by: str | Sequence[str] = ("agent",),
+        since: str | dt.datetime | None = None,
+        until: str | dt.datetime | None = None,
+        root_only: bool = True,
+    ) -> list[ReportRow]:
+        """Cost and tokens grouped by agent, model, provider, status, day, hour, outcome
+        or ``tag:KEY``: ``ledger.report(by=["agent", "model"], since="7d")``.
+
+        Flushes first, so it includes everything recorded so far. .. versionadded:: 0.1.0
+        """
+        from tokenledger.queries import parse_since, report
+
+        self.flush()
+        return report(
+            self._engine,
+            by=by,
+            since=parse_since(since) if since is not None else None,
+            until=parse_since(until) if until is not None else None,
+            root_only=root_only,
+        )
+
+    def cost_per_outcome(
+        self,
+        *,
+        agent: str | None = None,
+        success: Sequence[str] | None = None,
+        since: str | dt.datetime | None = None,
+    ) -> OutcomeEconomics:
+        """Cost per successful outcome of an agent: the cost of ALL its runs (failed and
+        abandoned included) divided by its successes, with the success rate and the
+        p50/p90/p99 cost per run. ``success`` lists the outcome labels that count as a
+        success (default: any outcome on a run that ended ok). .. versionadded:: 0.1.0
+        """
+        from tokenledger.queries import cost_per_outcome, parse_since
+
+        self.flush()
+        return cost_per_outcome(
+            self._engine,
+            agent=agent,
+            success=success,
+            since=parse_since(since) if since is not None else None,
+        )
 
     # -- outcomes -----------------------------------------------------------------------
     def set_outcome(self, run_id: str, label: str, value: Any = None) -> None:
