@@ -98,7 +98,7 @@ class Ledger:
         self._writer: BatchWriter = BatchWriter(
             self._engine,
             max_delay=float(flush_interval),
-            durability=durability,
+            durability=durability,  # type: ignore[arg-type]  # validated by the writer
             max_buffer_rows=max_buffer_rows,
             spool_dir=spool_dir,
         )
