@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
-from benchmarks._common import REPO_ROOT, Section, log, median, spread
+from benchmarks._common import REPO_ROOT, Section, log, median, postgres_schema, spread
 
 # Peer -> the module that must be importable for it to run.
 PEERS = {
@@ -98,8 +98,13 @@ def run(section: Section, *, quick: bool, postgres_url: str | None) -> None:
         if quick and family in PEERS:
             continue  # the smoke run needs no peer
         log(f"  capture: {family} ...")
-        extra = {"postgres_url": postgres_url} if family == "tokenledger" else {}
-        results[family] = _worker(family, {**opts, **extra})
+        if family == "tokenledger" and postgres_url:
+            # The worker's PostgreSQL ledger lives in a throw-away bench_<random> schema,
+            # never in the admin URL's default (public) schema.
+            with postgres_schema(postgres_url) as schema_url:
+                results[family] = _worker(family, {**opts, "postgres_url": schema_url})
+        else:
+            results[family] = _worker(family, opts)
     section.data["raw"] = results
 
     peer_ratios: dict[str, float] = {}
