@@ -370,8 +370,13 @@ def _watch_stream(stream: Any, call: _Call, *, is_async: bool) -> None:
     call.request = getattr(getattr(stream, "response", None), "request", None)
     inner = stream._iterator
     stream._iterator = _observe_async(inner, call) if is_async else _observe(inner, call)
-    stream.__class__ = _closing_class(type(stream), is_async=is_async)
-    stream._tokenledger_call = call
+    # Another instrumentation (OpenInference) may hand back a proxy of the SDK's stream;
+    # its class cannot be swapped, the stream it wraps can.
+    target = stream
+    while hasattr(type(target), "__wrapped__"):  # a wrapt ObjectProxy
+        target = target.__wrapped__
+    target.__class__ = _closing_class(type(target), is_async=is_async)
+    target._tokenledger_call = call
     # A stream dropped unread (or part read) is recorded when it is collected. The
     # finalizer holds the call, never the stream, so it does not keep the stream alive.
     finalizer = weakref.finalize(stream, call.abandon)

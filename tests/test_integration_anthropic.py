@@ -250,7 +250,7 @@ def test_a_message_is_recorded_with_cache_writes_and_reads_at_their_own_rates(
         "gen_ai.response.model": SERVED,
         "gen_ai.request.max_tokens": 1024,
         "gen_ai.usage.input_tokens": 1000,  # includes cache writes and reads
-        "gen_ai.usage.cache_write.input_tokens": 500,
+        "gen_ai.usage.cache_creation.input_tokens": 500,
         "gen_ai.usage.cache_read.input_tokens": 200,
         "gen_ai.usage.output_tokens": 100,
         "tokenledger.usage.cost.amount": float(CACHED_COST),
@@ -292,7 +292,7 @@ def test_a_stream_is_priced_from_message_start_and_message_delta(
     assert (True, 1000, 500, 200) == (
         attributes["tokenledger.call.streamed"],
         attributes["gen_ai.usage.input_tokens"],
-        attributes["gen_ai.usage.cache_write.input_tokens"],
+        attributes["gen_ai.usage.cache_creation.input_tokens"],
         attributes["gen_ai.usage.cache_read.input_tokens"],
     )
 

@@ -315,7 +315,7 @@ def test_a_chat_completion_is_recorded_with_cached_and_reasoning_tokens(
         "gen_ai.request.max_tokens": 500,
         "gen_ai.usage.input_tokens": 1200,  # includes the cached tokens
         "gen_ai.usage.cache_read.input_tokens": 1000,
-        "gen_ai.usage.cache_write.input_tokens": 0,
+        "gen_ai.usage.cache_creation.input_tokens": 0,
         "gen_ai.usage.output_tokens": 300,
         "gen_ai.usage.reasoning.output_tokens": 100,
         "tokenledger.usage.cost.amount": float(CACHED_COST),

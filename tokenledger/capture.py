@@ -45,6 +45,7 @@ from tokenledger import semconv as sc
 from tokenledger.exceptions import BudgetExceeded, LedgerError, UsageError
 from tokenledger.records import CallRecord, TokenUsage, new_id, utcnow
 from tokenledger.runs import current_run
+from tokenledger.usage import usage_from_response
 
 if TYPE_CHECKING:
     from tokenledger.ledger import Ledger
@@ -161,8 +162,6 @@ class PendingCall:
         unreadable one is logged and the call recorded with unknown usage."""
         if not self.claim():
             return
-        from tokenledger.usage import usage_from_response
-
         parsed: TokenUsage | None
         try:
             parsed = usage_from_response(usage)
@@ -185,8 +184,6 @@ class PendingCall:
             return
         parsed = None
         if usage is not None:
-            from tokenledger.usage import usage_from_response
-
             try:
                 parsed = usage_from_response(usage)
             except UsageError:
@@ -204,8 +201,6 @@ class PendingCall:
             return
         parsed = None
         if usage is not None:
-            from tokenledger.usage import usage_from_response
-
             try:
                 parsed = usage_from_response(usage)
             except UsageError:
@@ -326,10 +321,14 @@ def capture_ledger() -> Ledger | None:
     return _capture_ledger
 
 
+_CURRENT: Any = object()  # begin_call's default: the run current in this context
+
+
 def _start_pending(
-    call_type: str, args: Sequence[Any], kwargs: dict[str, Any]
+    call_type: str, args: Sequence[Any], kwargs: dict[str, Any], run: Any = _CURRENT
 ) -> PendingCall | None:
-    run = current_run()
+    if run is _CURRENT:
+        run = current_run()
     if run is not None:
         ledger = run.ledger
         if not ledger.capture:
@@ -370,6 +369,7 @@ def begin_call(
     request: dict[str, Any] | None = None,
     max_tokens: int | None = None,
     stream: bool = False,
+    run: Run | None = _CURRENT,
 ) -> PendingCall | None:
     """Start recording a model call made by a client other than litellm.
 
@@ -383,9 +383,12 @@ def begin_call(
     estimate). A ``downgrade`` budget may pick a cheaper model: send the request with
     ``pending.model_to_send``. Finish with `PendingCall.succeed` or `PendingCall.fail`.
     In async code use `abegin_call`, which reserves without blocking the event loop.
+
+    ``run`` attributes the call to that run (None: to no run) instead of the run
+    current in this context — for callbacks that run outside the caller's context.
     .. versionadded:: 0.1.0
     """
-    pending = _begin(operation, model, provider, request, max_tokens, stream)
+    pending = _begin(operation, model, provider, request, max_tokens, stream, run)
     if pending is not None:
         pending.ledger._before_call(pending, pending.request)
     return pending
@@ -399,9 +402,10 @@ async def abegin_call(
     request: dict[str, Any] | None = None,
     max_tokens: int | None = None,
     stream: bool = False,
+    run: Run | None = _CURRENT,
 ) -> PendingCall | None:
     """`begin_call` for async code: the reservation runs in a worker thread."""
-    pending = _begin(operation, model, provider, request, max_tokens, stream)
+    pending = _begin(operation, model, provider, request, max_tokens, stream, run)
     if pending is not None and pending.ledger._budgets.may_apply(pending.run):
         import asyncio
 
@@ -416,13 +420,14 @@ def _begin(
     request: dict[str, Any] | None,
     max_tokens: int | None,
     stream: bool,
+    run: Run | None,
 ) -> PendingCall | None:
     body = dict(request or {})
     body.setdefault("model", model)
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     body["stream"] = stream
-    pending = _start_pending(operation, (), body)
+    pending = _start_pending(operation, (), body, run)
     if pending is None:
         return None
     pending.provider = provider
@@ -548,8 +553,6 @@ def _update_response_metadata(
 def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> None:
     if not pending.claim():
         return
-    from tokenledger.usage import usage_from_response
-
     if pending.attempts:
         attempt_model = logging_obj.model_call_details.get("model")
         if isinstance(attempt_model, str):
@@ -591,8 +594,6 @@ def _stream_bases() -> tuple[type, ...]:
 
 def _stream_usage(stream: Any) -> tuple[TokenUsage | None, bool]:
     """Usage of a stream from its chunks: the provider's, else counted (estimated)."""
-    from tokenledger.usage import usage_from_response
-
     chunks = list(getattr(stream, "chunks", None) or ())
     # The usage the provider sent on a chunk the caller received (OpenAI's final chunk
     # with stream_options.include_usage, for one).

@@ -284,6 +284,20 @@ class Run:
         self._otel_token = otel_context.attach(trace.set_span_in_context(span))
         self.ledger._run_started(self)
 
+    def _detach(self) -> None:
+        """Leave the started run open but no longer current in this context.
+
+        For runs whose body does not execute in the context that started them: the
+        generator wrappers below, and integrations whose callbacks open runs for a
+        framework's own units of work (LangGraph nodes, Agents SDK agents).
+        """
+        if self._token is not None:
+            _current_run.reset(self._token)
+            self._token = None
+        if self._otel_token is not None:
+            otel_context.detach(cast(Any, self._otel_token))
+            self._otel_token = None
+
     def _finish(self, exc: BaseException | None) -> None:
         rec = self.record
         if isinstance(exc, BudgetExceeded):
@@ -446,10 +460,7 @@ def make_agent_decorator(
                 ctx = new_context()
                 run = ctx.__enter__()
                 gen = agen_fn(*args, **kwargs)
-                _current_run.reset(cast(Any, run._token))
-                run._token = None
-                otel_context.detach(cast(Any, run._otel_token))
-                run._otel_token = None
+                run._detach()
                 exc: BaseException | None = None
                 try:
                     sent: Any = None
@@ -490,10 +501,7 @@ def make_agent_decorator(
                 run = ctx.__enter__()
                 # The run is current only while the generator body executes, never in
                 # the caller between two yields.
-                _current_run.reset(cast(Any, run._token))
-                run._token = None
-                otel_context.detach(cast(Any, run._otel_token))
-                run._otel_token = None
+                run._detach()
                 gen = gen_fn(*args, **kwargs)
                 exc: BaseException | None = None
                 try:
