@@ -55,6 +55,12 @@ class Telemetry:
             sc.METRIC_COST, unit="USD", description="Cost of model calls, in US dollars."
         )
         self._metric_attrs: dict[tuple[str, str | None, str | None], tuple[Any, Any, Any]] = {}
+        # With no MeterProvider set, the API hands out a proxy whose instruments do
+        # nothing until one is set. While the global provider is still that proxy,
+        # recording is skipped outright (a few µs per call on the hot path); once an SDK
+        # is set, get_meter_provider() returns it and the proxies forward to it.
+        provider = metrics.get_meter_provider()
+        self._unset_meter_provider = provider if _is_proxy(provider) else None
 
     # -- runs ---------------------------------------------------------------------------
     def start_run_span(
@@ -127,6 +133,10 @@ class Telemetry:
             return None, None
 
     def record_metrics(self, call: CallRecord) -> None:
+        if self._unset_meter_provider is not None:
+            if metrics.get_meter_provider() is self._unset_meter_provider:
+                return
+            self._unset_meter_provider = None
         try:
             key = (call.operation, call.provider, call.requested_model)
             attrs = self._metric_attrs.get(key)
@@ -154,6 +164,12 @@ class Telemetry:
                 self._cost.add(float(call.cost_usd), base)
         except Exception:
             logger.exception("tokenledger could not record the metrics of call %s", call.id)
+
+
+def _is_proxy(provider: object) -> bool:
+    """True for the API's placeholder provider (no SDK set yet), by class name: the
+    class is private to opentelemetry-api."""
+    return type(provider).__name__ == "_ProxyMeterProvider"
 
 
 def _call_attributes(call: CallRecord) -> dict[str, Any]:
