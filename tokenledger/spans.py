@@ -25,6 +25,7 @@ __all__ = ["Telemetry", "ids_of", "setup_otlp"]
 logger = logging.getLogger("tokenledger")
 
 _INVALID_TRACE_ID = 0
+_SDK_INSTRUMENT: Any = object()  # an instrument that is not an unset API proxy
 
 
 def ids_of(span: trace.Span) -> tuple[str | None, str | None]:
@@ -55,12 +56,6 @@ class Telemetry:
             sc.METRIC_COST, unit="USD", description="Cost of model calls, in US dollars."
         )
         self._metric_attrs: dict[tuple[str, str | None, str | None], tuple[Any, Any, Any]] = {}
-        # With no MeterProvider set, the API hands out a proxy whose instruments do
-        # nothing until one is set. While the global provider is still that proxy,
-        # recording is skipped outright (a few µs per call on the hot path); once an SDK
-        # is set, get_meter_provider() returns it and the proxies forward to it.
-        provider = metrics.get_meter_provider()
-        self._unset_meter_provider = provider if _is_proxy(provider) else None
 
     # -- runs ---------------------------------------------------------------------------
     def start_run_span(
@@ -133,10 +128,12 @@ class Telemetry:
             return None, None
 
     def record_metrics(self, call: CallRecord) -> None:
-        if self._unset_meter_provider is not None:
-            if metrics.get_meter_provider() is self._unset_meter_provider:
-                return
-            self._unset_meter_provider = None
+        # With no MeterProvider set, the API hands out proxy instruments that do nothing
+        # until one is set, when they get a real instrument behind them. Until then the
+        # attributes are not even built (a few µs per call). Should a future API drop
+        # the attribute, the sentinel makes this record every time: slower, still right.
+        if getattr(self._cost, "_real_instrument", _SDK_INSTRUMENT) is None:
+            return
         try:
             key = (call.operation, call.provider, call.requested_model)
             attrs = self._metric_attrs.get(key)
@@ -164,12 +161,6 @@ class Telemetry:
                 self._cost.add(float(call.cost_usd), base)
         except Exception:
             logger.exception("tokenledger could not record the metrics of call %s", call.id)
-
-
-def _is_proxy(provider: object) -> bool:
-    """True for the API's placeholder provider (no SDK set yet), by class name: the
-    class is private to opentelemetry-api."""
-    return type(provider).__name__ == "_ProxyMeterProvider"
 
 
 def _call_attributes(call: CallRecord) -> dict[str, Any]:
