@@ -407,10 +407,44 @@ async def abegin_call(
     """`begin_call` for async code: the reservation runs in a worker thread."""
     pending = _begin(operation, model, provider, request, max_tokens, stream, run)
     if pending is not None and pending.ledger._budgets.may_apply(pending.run):
-        import asyncio
-
-        await asyncio.to_thread(pending.ledger._before_call, pending, pending.request)
+        await _reserve_in_thread(pending, pending.request)
     return pending
+
+
+async def _reserve_in_thread(pending: PendingCall, request: dict[str, Any]) -> None:
+    """Reserve in a worker thread, never blocking the event loop.
+
+    Should the caller be cancelled meanwhile (a timeout), the thread still finishes its
+    reservation; nothing will be sent, so it is given back once the thread is done.
+    Otherwise it would be held until its lease ran out, and a run budget's for the rest
+    of the run.
+    """
+    import asyncio
+
+    future = asyncio.ensure_future(asyncio.to_thread(pending.ledger._before_call, pending, request))
+    try:
+        await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(lambda done: _give_back(pending, done))
+        raise
+
+
+def _give_back(pending: PendingCall, done: Any) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return  # refused or failed: nothing is held
+    if not pending.claim():
+        return
+
+    def release() -> None:
+        try:
+            pending.ledger._release(pending)
+        except Exception:
+            logger.exception("tokenledger could not give back a cancelled call's reservation")
+
+    try:
+        done.get_loop().run_in_executor(None, release)
+    except RuntimeError:  # the loop is closing: release here
+        release()
 
 
 def _begin(
@@ -505,9 +539,7 @@ async def _async_pre_call_deployment_hook(kwargs: dict[str, Any], call_type: Any
     pending: PendingCall | None = details.get(PENDING_KEY) if details is not None else None
     if pending is not None and pending.deferred:
         pending.deferred = False
-        import asyncio
-
-        await asyncio.to_thread(pending.ledger._before_call, pending, kwargs)
+        await _reserve_in_thread(pending, kwargs)
     return await _originals["async_hook"](kwargs, call_type)
 
 

@@ -550,6 +550,9 @@ class Ledger:
         for pending in streams or ():
             if not pending.done:
                 _capture.finish_abandoned(pending)
+        if run.budget is not None:
+            # Nothing more is reserved against this run's own budget once it ends.
+            self._budgets.forget_run(run)
 
     def _put_run(self, record: RunRecord) -> None:
         self._writer.put_run(record)
