@@ -31,15 +31,9 @@ How a call is seen, and why there:
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import math
-import sys
-import threading
-import types
-import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Final, cast
+from collections.abc import Callable
+from typing import Any, Final
 
 try:
     import anthropic
@@ -54,9 +48,22 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
     ) from exc
 
 from tokenledger import semconv as sc
-from tokenledger.capture import PendingCall, abegin_call, begin_call
-from tokenledger.exceptions import BudgetExceeded, LedgerError
+from tokenledger.capture import PendingCall
 from tokenledger.records import TokenUsage
+
+from ._sdk import (
+    SDK,
+    Patches,
+    SDKCall,
+    abegin,
+    begin,
+    count_tokens,
+    given_int,
+    mark_wrapper,
+    raw_types,
+    watch_stream,
+    wrap_create,
+)
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -99,11 +106,6 @@ def _provider_of(resource: Any) -> str:
     return "anthropic"
 
 
-def _given_int(value: object) -> int | None:
-    """An int argument, or None for a missing one (the SDK's ``omit`` / ``NOT_GIVEN``)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
 def _messages_of(kwargs: dict[str, Any]) -> list[Any]:
     """The prompt as chat messages, the system prompt first, for counting tokens."""
     messages = kwargs.get("messages")
@@ -132,53 +134,35 @@ def _usage_counts(*reports: Any) -> dict[str, Any] | None:
     return counts or None
 
 
-def _count_tokens(model: str, *, text: str | None = None, messages: Any = None) -> int:
-    """Tokens in ``text`` or ``messages`` by litellm's counter for the model, else
-    roughly four characters a token."""
-    try:
-        import litellm
-
-        if messages is not None:
-            return int(litellm.token_counter(model=model, messages=messages))
-        return int(litellm.token_counter(model=model, text=text or ""))
-    except Exception:
-        if text is None:
-            text = json.dumps(messages, default=str)
-        return math.ceil(len(text) / 4)
-
-
 # -- one call ---------------------------------------------------------------------------
 
 
-class _Call:
-    """What is seen of one call's response; finishes its `PendingCall` exactly once.
+_SDK: Final = SDK(
+    name="Anthropic",
+    stream=anthropic.Stream,
+    async_stream=anthropic.AsyncStream,
+    raw_responses=raw_types(
+        ("anthropic._response", "APIResponse"),
+        ("anthropic._response", "AsyncAPIResponse"),
+        ("anthropic._legacy_response", "LegacyAPIResponse"),  # anthropic<0.30
+    ),
+)
 
-    Never raises: a failure to record is logged and the user's call goes on.
-    """
 
-    __slots__ = (
-        "complete",
-        "final_usage",
-        "finish_reasons",
-        "kwargs",
-        "model",
-        "pending",
-        "start_usage",
-        "text",
-    )
+class _Call(SDKCall):
+    """What is seen of one Anthropic call's response (see `SDKCall`)."""
+
+    __slots__ = ("final_usage", "start_usage")
+
+    sdk = _SDK
 
     def __init__(self, pending: PendingCall, kwargs: dict[str, Any]) -> None:
-        self.pending = pending
-        self.kwargs = kwargs
+        super().__init__(pending, kwargs)
         self.start_usage: Any = None  # message_start's usage: input and cache counts
         self.final_usage: Any = None  # message_delta's (cumulative) usage, or the message's
-        self.model: str | None = None
-        self.finish_reasons: list[str] = []
-        self.text: list[str] = []  # streamed output, counted if the stream is cut short
-        self.complete = False  # the final usage was seen
 
     # -- reading ------------------------------------------------------------------------
-    def see_message(self, message: Any) -> None:
+    def see_response(self, message: Any) -> None:
         """A whole (non-streamed) message."""
         self.final_usage = getattr(message, "usage", None)
         self.model = getattr(message, "model", None) or None
@@ -186,7 +170,7 @@ class _Call:
         if getattr(message, "stop_reason", None):
             self.finish_reasons.append(str(message.stop_reason))
 
-    def see_event(self, event: Any) -> None:
+    def see_chunk(self, event: Any) -> None:
         """One streamed event."""
         try:
             kind = getattr(event, "type", None)
@@ -211,17 +195,17 @@ class _Call:
             logger.exception("tokenledger could not read a streamed Anthropic event")
 
     # -- finishing ----------------------------------------------------------------------
-    def _usage(self) -> dict[str, Any] | None:
+    def reported_usage(self) -> dict[str, Any] | None:
         return _usage_counts(self.start_usage, self.final_usage)
 
-    def _partial_usage(self) -> dict[str, Any] | TokenUsage:
+    def partial_usage(self) -> dict[str, Any] | TokenUsage:
         """The usage of a stream cut short: what the provider reported, with the output
         counted from the text received when no output count came."""
         model = self.model or self.pending.call.requested_model or ""
-        output = _count_tokens(model, text="".join(self.text)) if self.text else 0
-        counts = self._usage()
+        output = count_tokens(model, text="".join(self.text)) if self.text else 0
+        counts = self.reported_usage()
         if counts is None:
-            prompt = _count_tokens(model, messages=_messages_of(self.kwargs))
+            prompt = count_tokens(model, messages=_messages_of(self.kwargs))
             return TokenUsage(input_tokens=prompt, output_tokens=output)
         counts["output_tokens"] = max(output, counts.get("output_tokens") or 0)
         return counts
@@ -231,177 +215,20 @@ class _Call:
         try:
             if self.pending.done:
                 return
-            counts = self._usage()
+            counts = self.reported_usage()
             if counts is not None and self.complete:
                 self.pending.succeed(
                     counts, model=self.model, finish_reasons=self.finish_reasons or None
                 )
             else:  # a stream that ended without its final usage
                 self.pending.succeed(
-                    self._partial_usage(),
+                    self.partial_usage(),
                     model=self.model,
                     finish_reasons=self.finish_reasons or None,
                     estimated=True,
                 )
         except Exception:
             logger.exception("tokenledger could not record an Anthropic call")
-
-    def abandon(self) -> None:
-        """The stream was closed or dropped: if its final usage had come, that is the
-        end of it; otherwise the call is recorded as abandoned, output estimated."""
-        if sys.is_finalizing():
-            return  # a stream collected at interpreter exit: the ledger is gone
-        try:
-            if self.pending.done:
-                return
-            if self.complete:
-                self.finish()
-            else:
-                self.pending.abandon(self._partial_usage())
-        except Exception:
-            logger.exception("tokenledger could not record an abandoned Anthropic stream")
-
-    def fail(self, error: BaseException) -> None:
-        try:
-            self.pending.fail(error, usage=self._usage())
-        except Exception:
-            logger.exception("tokenledger could not record a failed Anthropic call")
-
-
-# -- streams ----------------------------------------------------------------------------
-
-_closing_classes: dict[type, type] = {}
-_closing_lock = threading.Lock()
-
-
-def _closing_class(cls: type, *, is_async: bool) -> type:
-    """A subclass of the SDK's stream class whose ``close()`` also records an unfinished
-    stream as abandoned (``with ... as stream: break`` closes it)."""
-    with _closing_lock:
-        sub = _closing_classes.get(cls)
-        if sub is not None:
-            return sub
-        base_close = cls.close  # type: ignore[attr-defined]
-
-        if is_async:
-
-            async def close(self: Any) -> None:
-                self._tokenledger_call.abandon()
-                await base_close(self)
-
-        else:
-
-            def close(self: Any) -> None:  # type: ignore[misc]
-                self._tokenledger_call.abandon()
-                base_close(self)
-
-        sub = type(cls.__name__, (cls,), {"close": close, "__module__": cls.__module__})
-        sub.__qualname__ = cls.__qualname__
-        _closing_classes[cls] = sub
-        _closing_classes[sub] = sub
-        return sub
-
-
-def _watch_stream(stream: Any, call: _Call, *, is_async: bool) -> None:
-    """Watch an SDK stream in place: it keeps its type and its helpers keep working."""
-    inner = stream._iterator  # anthropic>=2 makes it on first use; this makes it now
-    stream._iterator = _observe_async(inner, call) if is_async else _observe(inner, call)
-    # Another instrumentation (OpenInference) may hand back a proxy of the SDK's stream;
-    # its class cannot be swapped, the stream it wraps can.
-    target = stream
-    while hasattr(type(target), "__wrapped__"):  # a wrapt ObjectProxy
-        target = target.__wrapped__
-    target.__class__ = _closing_class(type(target), is_async=is_async)
-    target._tokenledger_call = call
-    # A stream dropped unread (or part read) is recorded when it is collected. The
-    # finalizer holds the call, never the stream, so it does not keep the stream alive.
-    finalizer = weakref.finalize(stream, call.abandon)
-    finalizer.atexit = False
-
-
-def _observe(inner: Iterator[Any], call: _Call) -> Iterator[Any]:
-    try:
-        for item in inner:
-            call.see_event(item)
-            yield item
-    except GeneratorExit:
-        call.abandon()
-        raise
-    except BaseException as exc:
-        call.fail(exc)
-        raise
-    else:
-        call.finish()
-    finally:
-        close = getattr(inner, "close", None)
-        if close is not None:
-            close()
-
-
-async def _observe_async(inner: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
-    import asyncio
-
-    try:
-        async for item in inner:
-            call.see_event(item)
-            yield item
-    except (GeneratorExit, asyncio.CancelledError):
-        call.abandon()
-        raise
-    except BaseException as exc:
-        call.fail(exc)
-        raise
-    else:
-        call.finish()
-    finally:
-        aclose = getattr(inner, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-def _raw_response_types() -> tuple[type[Any], ...]:
-    # `with_raw_response` / `with_streaming_response` return these wrappers instead of
-    # the message; they live in a private SDK module, so look them up defensively.
-    import importlib
-
-    found: list[type[Any]] = []
-    for module, name in (
-        ("anthropic._response", "APIResponse"),
-        ("anthropic._response", "AsyncAPIResponse"),
-        ("anthropic._legacy_response", "LegacyAPIResponse"),  # anthropic<0.30
-    ):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            logger.debug("anthropic has no %s.%s", module, name)
-    return tuple(found)
-
-
-_RAW_RESPONSES: Final = _raw_response_types()
-
-
-def _settle(result: Any, call: _Call) -> None:
-    """Finish a sync call from what ``create`` returned: a message or a stream, possibly
-    in a raw-response wrapper (parsed once here; the SDK caches it for the caller)."""
-    if isinstance(result, _RAW_RESPONSES):
-        result = cast(Any, result).parse()
-    if isinstance(result, anthropic.Stream):
-        _watch_stream(result, call, is_async=False)
-    else:
-        call.see_message(result)
-        call.finish()
-
-
-async def _asettle(result: Any, call: _Call) -> None:
-    if isinstance(result, _RAW_RESPONSES):
-        result = cast(Any, result).parse()
-        if hasattr(result, "__await__"):  # AsyncAPIResponse.parse is a coroutine
-            result = await result
-    if isinstance(result, anthropic.AsyncStream):
-        _watch_stream(result, call, is_async=True)
-    else:
-        call.see_message(result)
-        call.finish()
 
 
 # -- the wrappers -------------------------------------------------------------------------
@@ -416,90 +243,21 @@ def _start(
         "model": model if isinstance(model, str) else None,
         "provider": provider or _provider_of(resource),
         "request": {"messages": _messages_of(kwargs)},
-        "max_tokens": _given_int(kwargs.get("max_tokens")),
+        "max_tokens": given_int(kwargs.get("max_tokens")),
         "stream": stream or kwargs.get("stream") is True,
     }
-
-
-def _begin(
-    resource: Any, kwargs: dict[str, Any], provider: str | None, *, stream: bool = False
-) -> PendingCall | None:
-    try:
-        pending = begin_call(**_start(resource, kwargs, provider, stream=stream))
-    except (BudgetExceeded, LedgerError):
-        raise  # refused, or budgets cannot be checked: fail closed, send nothing
-    except Exception:
-        logger.exception("tokenledger could not start recording an Anthropic call")
-        return None
-    if pending is not None:
-        _send_model(pending, kwargs)
-    return pending
-
-
-async def _abegin(
-    resource: Any, kwargs: dict[str, Any], provider: str | None, *, stream: bool = False
-) -> PendingCall | None:
-    try:
-        pending = await abegin_call(**_start(resource, kwargs, provider, stream=stream))
-    except (BudgetExceeded, LedgerError):
-        raise  # refused, or budgets cannot be checked: fail closed, send nothing
-    except Exception:
-        logger.exception("tokenledger could not start recording an Anthropic call")
-        return None
-    if pending is not None:
-        _send_model(pending, kwargs)
-    return pending
-
-
-def _send_model(pending: PendingCall, kwargs: dict[str, Any]) -> None:
-    model = pending.model_to_send
-    if model and model != kwargs.get("model"):
-        kwargs["model"] = model  # a downgrade budget chose a cheaper model
 
 
 def _wrap_create(
     original: Callable[..., Any], *, is_async: bool, provider: str | None
 ) -> Callable[..., Any]:
-    if is_async:
-
-        @functools.wraps(original)
-        async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            pending = await _abegin(self, kwargs, provider)
-            if pending is None:
-                return await original(self, *args, **kwargs)
-            call = _Call(pending, kwargs)
-            try:
-                result = await original(self, *args, **kwargs)
-            except BaseException as exc:
-                call.fail(exc)
-                raise
-            try:
-                await _asettle(result, call)
-            except Exception:
-                logger.exception("tokenledger could not record an Anthropic call")
-            return result
-
-    else:
-
-        @functools.wraps(original)
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            pending = _begin(self, kwargs, provider)
-            if pending is None:
-                return original(self, *args, **kwargs)
-            call = _Call(pending, kwargs)
-            try:
-                result = original(self, *args, **kwargs)
-            except BaseException as exc:
-                call.fail(exc)
-                raise
-            try:
-                _settle(result, call)
-            except Exception:
-                logger.exception("tokenledger could not record an Anthropic call")
-            return result
-
-    method._tokenledger_original = original  # type: ignore[attr-defined]
-    return method
+    return wrap_create(
+        original,
+        _SDK,
+        is_async=is_async,
+        arguments=lambda resource, kwargs: _start(resource, kwargs, provider, stream=False),
+        new_call=_Call,
+    )
 
 
 def _request_slot(manager: Any) -> str | None:
@@ -526,6 +284,7 @@ def _wrap_stream(
             )
             return manager
         sent = getattr(manager, slot)
+        start = functools.partial(_start, self, kwargs, provider, stream=True)
 
         def resend(model: str) -> Any:
             # The SDK builds the request inside stream(): build it again for a new model.
@@ -536,7 +295,7 @@ def _wrap_stream(
             async def arequest() -> Any:
                 model = kwargs.get("model")
                 try:
-                    pending = await _abegin(self, kwargs, provider, stream=True)
+                    pending = await abegin(_SDK, start, kwargs)
                 except BaseException:
                     sent.close()  # the SDK's request coroutine, now never to be awaited
                     raise
@@ -552,7 +311,7 @@ def _wrap_stream(
                 except BaseException as exc:
                     call.fail(exc)
                     raise
-                _watch_stream(stream, call, is_async=True)
+                watch_stream(stream, call, is_async=True)
                 return stream
 
             setattr(manager, slot, arequest())
@@ -560,7 +319,7 @@ def _wrap_stream(
 
             def request() -> Any:
                 model = kwargs.get("model")
-                pending = _begin(self, kwargs, provider, stream=True)
+                pending = begin(_SDK, start, kwargs)
                 if pending is None:
                     return sent()
                 send = sent if kwargs.get("model") == model else resend(kwargs["model"])
@@ -570,14 +329,13 @@ def _wrap_stream(
                 except BaseException as exc:
                     call.fail(exc)
                     raise
-                _watch_stream(stream, call, is_async=False)
+                watch_stream(stream, call, is_async=False)
                 return stream
 
             setattr(manager, slot, request)
         return manager
 
-    method._tokenledger_original = original  # type: ignore[attr-defined]
-    return method
+    return mark_wrapper(method, original)
 
 
 def _wrap(
@@ -588,16 +346,16 @@ def _wrap(
     return _wrap_create(original, is_async=is_async, provider=provider)
 
 
-def _unwrapped(function: Any) -> Any:
-    return getattr(function, "_tokenledger_original", function)
-
-
 # -- switching it on and off -----------------------------------------------------------
 
-_lock = threading.Lock()
-# (class, method name) -> (the original attribute, whether the class defined it itself)
-_class_patches: dict[tuple[type, str], tuple[Any, bool]] = {}
-_patched_resources: weakref.WeakSet[Any] = weakref.WeakSet()
+_patches = Patches()
+
+
+def _wraps(provider: str | None) -> list[tuple[type, str, Callable[[Any], Any]]]:
+    return [
+        (cls, name, functools.partial(_wrap, name=name, is_async=is_async, provider=provider))
+        for cls, name, is_async in _TARGETS
+    ]
 
 
 def _resources_of(client: Any) -> dict[type, Any]:
@@ -633,30 +391,9 @@ def instrument(client: Any = None, *, provider: str | None = None) -> Any:
 
     .. versionadded:: 0.1.0
     """
-    with _lock:
-        if client is None:
-            for cls, name, is_async in _TARGETS:
-                if (cls, name) in _class_patches or not hasattr(cls, name):
-                    continue
-                original = cls.__dict__.get(name)
-                own = original is not None
-                if original is None:
-                    original = getattr(cls, name)
-                _class_patches[(cls, name)] = (original, own)
-                setattr(cls, name, _wrap(original, name, is_async=is_async, provider=provider))
-            return None
-        resources = _resources_of(client)
-        for cls, name, is_async in _TARGETS:
-            resource = resources.get(cls)
-            if resource is None or not hasattr(cls, name):
-                continue
-            # Wrap the class's own function (unwrapped if instrument() patched it), so a
-            # client instrumented on its own and globally is still recorded once.
-            original = _unwrapped(getattr(cls, name))
-            wrapped = _wrap(original, name, is_async=is_async, provider=provider)
-            setattr(resource, name, types.MethodType(wrapped, resource))
-            _patched_resources.add(resource)
-        return client
+    with _patches.lock:
+        _patches.patch(_wraps(provider), None if client is None else _resources_of(client))
+    return client
 
 
 def uninstrument(client: Any = None) -> None:
@@ -665,20 +402,5 @@ def uninstrument(client: Any = None) -> None:
 
     .. versionadded:: 0.1.0
     """
-    with _lock:
-        if client is None:
-            for (cls, name), (original, own) in _class_patches.items():
-                if own:
-                    setattr(cls, name, original)
-                else:
-                    delattr(cls, name)
-            _class_patches.clear()
-            resources: list[Any] = list(_patched_resources)
-        else:
-            resources = list(_resources_of(client).values())
-        for resource in resources:
-            for name in ("create", "parse", "stream"):
-                bound = resource.__dict__.get(name)
-                if hasattr(getattr(bound, "__func__", None), "_tokenledger_original"):
-                    del resource.__dict__[name]
-            _patched_resources.discard(resource)
+    with _patches.lock:
+        _patches.restore(None if client is None else _resources_of(client).values())

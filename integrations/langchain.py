@@ -57,9 +57,7 @@ How a call is seen, and why there:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -85,6 +83,8 @@ from tokenledger.capture import PendingCall, begin_call
 from tokenledger.exceptions import BudgetExceeded, LedgerError
 from tokenledger.records import TokenUsage
 from tokenledger.runs import Run, current_run
+
+from ._sdk import count_tokens
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -118,21 +118,6 @@ _ANTHROPIC_IDS: Final = (("langchain", "chat_models", "anthropic"),)
 
 
 # -- what one call is ---------------------------------------------------------------------
-
-
-def _count_tokens(model: str, *, text: str | None = None, messages: Any = None) -> int:
-    """Tokens in ``text`` or ``messages`` by the model's tokenizer (tiktoken through
-    litellm), else roughly four characters a token."""
-    try:
-        import litellm
-
-        if messages is not None:
-            return int(litellm.token_counter(model=model, messages=messages))
-        return int(litellm.token_counter(model=model, text=text or ""))
-    except Exception:
-        if text is None:
-            text = json.dumps(messages, default=str)
-        return math.ceil(len(text) / 4)
 
 
 def _usage_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,8 +170,8 @@ class _Call:
         generation = self._generation(response)
         text = getattr(generation, "text", None) or ""
         return TokenUsage(
-            input_tokens=_count_tokens(model, messages=self.messages),
-            output_tokens=_count_tokens(model, text=text) if text else 0,
+            input_tokens=count_tokens(model, messages=self.messages),
+            output_tokens=count_tokens(model, text=text) if text else 0,
         )
 
     def _served(self, response: LLMResult) -> tuple[str | None, list[str] | None]:
@@ -353,8 +338,8 @@ def _captured_below(serialized: Mapping[str, Any], metadata: Mapping[str, Any]) 
 def _integration_active(module_name: str) -> bool:
     # Patched classes mean every client of that SDK is recorded (instrument() with no
     # argument); a module never imported is not instrumented.
-    module = sys.modules.get(module_name)
-    return bool(getattr(module, "_class_patches", None))
+    patches = getattr(sys.modules.get(module_name), "_patches", None)
+    return bool(getattr(patches, "classes", None))
 
 
 def _provider_of(metadata: Mapping[str, Any]) -> str | None:
@@ -573,45 +558,23 @@ class TokenledgerCallbackHandler(BaseCallbackHandler):
         except Exception:
             logger.exception("tokenledger could not follow a LangChain chain")
 
-    def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._exit(run_id, None)
-
     def on_chain_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         self._exit(run_id, error)
 
-    def on_tool_start(
-        self,
-        serialized: dict[str, Any] | None,
-        input_str: str,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
+    # Tools and retrievers enclose the calls they make as chains do, but are never graph
+    # nodes. Only the run ids of these events matter: what LangChain passes first, by
+    # position (the input, the output), is not read.
+    def _scope_start(
+        self, *args: Any, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any
     ) -> None:
         self._enter(run_id, parent_run_id, None)
 
-    def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
+    def _scope_end(self, *args: Any, run_id: UUID, **kwargs: Any) -> None:
         self._exit(run_id, None)
 
-    def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._exit(run_id, error)
-
-    def on_retriever_start(
-        self,
-        serialized: dict[str, Any] | None,
-        query: str,
-        *,
-        run_id: UUID,
-        parent_run_id: UUID | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._enter(run_id, parent_run_id, None)
-
-    def on_retriever_end(self, documents: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._exit(run_id, None)
-
-    def on_retriever_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._exit(run_id, error)
+    on_tool_start = on_retriever_start = _scope_start
+    on_chain_end = on_tool_end = on_retriever_end = _scope_end
+    on_tool_error = on_retriever_error = on_chain_error
 
     def _enter(self, run_id: UUID, parent_run_id: UUID | None, node: str | None) -> None:
         """Remember which run a LangChain run belongs to; open a node's run."""

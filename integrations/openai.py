@@ -35,13 +35,8 @@ import dataclasses
 import functools
 import json
 import logging
-import math
-import sys
-import threading
-import types
-import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Final, cast
+from collections.abc import Callable
+from typing import Any, Final
 
 try:
     import openai
@@ -56,9 +51,19 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
     ) from exc
 
 from tokenledger import semconv as sc
-from tokenledger.capture import PendingCall, abegin_call, begin_call
-from tokenledger.exceptions import BudgetExceeded, LedgerError
+from tokenledger.capture import PendingCall
 from tokenledger.records import TokenUsage
+
+from ._sdk import (
+    OPENAI_COMPATIBLE_HOSTS,
+    SDK,
+    Patches,
+    SDKCall,
+    count_tokens,
+    given_int,
+    raw_types,
+    wrap_create,
+)
 
 __all__ = ["instrument", "uninstrument"]
 
@@ -93,30 +98,15 @@ _TARGETS: Final[tuple[tuple[type, str, _Endpoint, bool], ...]] = (
     (AsyncEmbeddings, "create", _EMBEDDINGS, True),
 )
 
-# Hosts of OpenAI-compatible APIs, to name the provider (and so the price entry) right.
-# Anything else is taken as OpenAI; pass ``provider=`` to `instrument` to say otherwise.
-_HOST_PROVIDERS: Final = {
-    "api.openai.com": "openai",
-    "openrouter.ai": "openrouter",
-    "api.deepseek.com": "deepseek",
-    "api.groq.com": "groq",
-    "api.mistral.ai": "mistral",
-    "api.x.ai": "xai",
-    "generativelanguage.googleapis.com": "gemini",
-}
-
 
 def _provider_of(resource: Any) -> str:
+    """The provider, and so the price entry: Azure, or an OpenAI-compatible API known by
+    its host. Anything else is taken as OpenAI; ``instrument(provider=...)`` says otherwise."""
     client = getattr(resource, "_client", None)
     if isinstance(client, (openai.AzureOpenAI, openai.AsyncAzureOpenAI)):
         return "azure"
     host = getattr(getattr(client, "base_url", None), "host", None)
-    return _HOST_PROVIDERS.get(host or "", "openai")
-
-
-def _given_int(value: object) -> int | None:
-    """An int argument, or None for a missing one (the SDK's ``omit`` / ``NOT_GIVEN``)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return OPENAI_COMPATIBLE_HOSTS.get(host or "", "openai")
 
 
 def _request_of(endpoint: _Endpoint, kwargs: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
@@ -126,9 +116,9 @@ def _request_of(endpoint: _Endpoint, kwargs: dict[str, Any]) -> tuple[dict[str, 
         if messages is not None and not isinstance(messages, (list, tuple)):
             # An iterable (a generator, say) would be used up by counting: send a list.
             messages = kwargs["messages"] = list(messages)
-        max_tokens = _given_int(kwargs.get("max_completion_tokens"))
+        max_tokens = given_int(kwargs.get("max_completion_tokens"))
         if max_tokens is None:
-            max_tokens = _given_int(kwargs.get("max_tokens"))
+            max_tokens = given_int(kwargs.get("max_tokens"))
         return {"messages": messages}, max_tokens
     if endpoint.api == "responses":
         text = kwargs.get("input")
@@ -137,7 +127,7 @@ def _request_of(endpoint: _Endpoint, kwargs: dict[str, Any]) -> tuple[dict[str, 
             parts = text if isinstance(text, list) else [text] if isinstance(text, str) else []
             text = [instructions, *parts]
         body = {"input": text} if isinstance(text, (str, list)) else {}
-        return body, _given_int(kwargs.get("max_output_tokens"))
+        return body, given_int(kwargs.get("max_output_tokens"))
     text = kwargs.get("input")
     return ({"input": text} if isinstance(text, (str, list)) else {}), None
 
@@ -145,50 +135,30 @@ def _request_of(endpoint: _Endpoint, kwargs: dict[str, Any]) -> tuple[dict[str, 
 # -- one call ---------------------------------------------------------------------------
 
 
-def _count_tokens(model: str, *, text: str | None = None, messages: Any = None) -> int:
-    """Tokens in ``text`` or ``messages`` by the model's tokenizer (tiktoken through
-    litellm), else roughly four characters a token."""
-    try:
-        import litellm
-
-        if messages is not None:
-            return int(litellm.token_counter(model=model, messages=messages))
-        return int(litellm.token_counter(model=model, text=text or ""))
-    except Exception:
-        if text is None:
-            text = json.dumps(messages, default=str)
-        return math.ceil(len(text) / 4)
+_SDK: Final = SDK(
+    name="OpenAI",
+    stream=openai.Stream,
+    async_stream=openai.AsyncStream,
+    raw_responses=raw_types(
+        ("openai._legacy_response", "LegacyAPIResponse"),
+        ("openai._response", "APIResponse"),
+        ("openai._response", "AsyncAPIResponse"),
+    ),
+)
 
 
-class _Call:
-    """What is seen of one call's response; finishes its `PendingCall` exactly once.
+class _Call(SDKCall):
+    """What is seen of one OpenAI call's response (see `SDKCall`)."""
 
-    Never raises: a failure to record is logged and the user's call goes on.
-    """
+    __slots__ = ("endpoint", "failure", "request", "usage")
 
-    __slots__ = (
-        "complete",
-        "endpoint",
-        "failure",
-        "finish_reasons",
-        "kwargs",
-        "model",
-        "pending",
-        "request",
-        "text",
-        "usage",
-    )
+    sdk = _SDK
 
     def __init__(self, pending: PendingCall, endpoint: _Endpoint, kwargs: dict[str, Any]) -> None:
-        self.pending = pending
+        super().__init__(pending, kwargs)
         self.endpoint = endpoint
-        self.kwargs = kwargs
         self.request: Any = None  # the httpx request of a stream, for in-band errors
         self.usage: Any = None  # the provider's usage, once seen
-        self.model: str | None = None
-        self.finish_reasons: list[str] = []
-        self.text: list[str] = []  # streamed output, counted when no usage comes
-        self.complete = False  # the provider's last event was seen
         self.failure: dict[str, Any] | None = None  # a Responses `response.failed` error
 
     # -- reading ------------------------------------------------------------------------
@@ -210,6 +180,9 @@ class _Call:
             text = getattr(response, "output_text", None)
             if isinstance(text, str):
                 self.text.append(text)
+
+    def see_stream(self, stream: Any) -> None:
+        self.request = getattr(getattr(stream, "response", None), "request", None)
 
     def see_chunk(self, chunk: Any) -> None:
         """One streamed chunk (chat) or event (Responses)."""
@@ -269,13 +242,13 @@ class _Call:
     def _estimated_usage(self) -> TokenUsage:
         model = self.model or self.pending.call.requested_model or ""
         if self.endpoint.api == "chat":
-            input_tokens = _count_tokens(model, messages=self.kwargs.get("messages") or [])
+            input_tokens = count_tokens(model, messages=self.kwargs.get("messages") or [])
         else:
             text = _request_of(self.endpoint, self.kwargs)[0].get("input")
             if isinstance(text, list):
                 text = "\n".join(t if isinstance(t, str) else json.dumps(t) for t in text)
-            input_tokens = _count_tokens(model, text=text or "")
-        output_tokens = _count_tokens(model, text="".join(self.text)) if self.text else 0
+            input_tokens = count_tokens(model, text=text or "")
+        output_tokens = count_tokens(model, text="".join(self.text)) if self.text else 0
         return TokenUsage(input_tokens=input_tokens, output_tokens=output_tokens)
 
     def finish(self) -> None:
@@ -302,26 +275,11 @@ class _Call:
         except Exception:
             logger.exception("tokenledger could not record an OpenAI call")
 
-    def abandon(self) -> None:
-        """The stream was closed or dropped: if its last event had come, that is the
-        end of it; otherwise the call is recorded as abandoned, tokens estimated."""
-        if sys.is_finalizing():
-            return  # a stream collected at interpreter exit: the ledger is gone
-        try:
-            if self.pending.done:
-                return
-            if self.complete:
-                self.finish()
-            else:
-                self.pending.abandon(self.usage or self._estimated_usage())
-        except Exception:
-            logger.exception("tokenledger could not record an abandoned OpenAI stream")
+    def reported_usage(self) -> Any:
+        return self.usage
 
-    def fail(self, error: BaseException) -> None:
-        try:
-            self.pending.fail(error, usage=self.usage)
-        except Exception:
-            logger.exception("tokenledger could not record a failed OpenAI call")
+    def partial_usage(self) -> Any:
+        return self.usage or self._estimated_usage()
 
     def _failure_error(self) -> openai.APIError:
         # The Responses API reports a failure in-band (`response.failed`) where the SDK
@@ -329,146 +287,6 @@ class _Call:
         body = self.failure or {}
         message = body.get("message") or "The response failed"
         return openai.APIError(str(message), self.request, body=body)
-
-
-# -- streams ----------------------------------------------------------------------------
-
-_closing_classes: dict[type, type] = {}
-_closing_lock = threading.Lock()
-
-
-def _closing_class(cls: type, *, is_async: bool) -> type:
-    """A subclass of the SDK's stream class whose ``close()`` also records an unfinished
-    stream as abandoned (``with ... as stream: break`` closes it)."""
-    with _closing_lock:
-        sub = _closing_classes.get(cls)
-        if sub is not None:
-            return sub
-        base_close = cls.close  # type: ignore[attr-defined]
-
-        if is_async:
-
-            async def close(self: Any) -> None:
-                self._tokenledger_call.abandon()
-                await base_close(self)
-
-        else:
-
-            def close(self: Any) -> None:  # type: ignore[misc]
-                self._tokenledger_call.abandon()
-                base_close(self)
-
-        sub = type(cls.__name__, (cls,), {"close": close, "__module__": cls.__module__})
-        sub.__qualname__ = cls.__qualname__
-        _closing_classes[cls] = sub
-        _closing_classes[sub] = sub
-        return sub
-
-
-def _watch_stream(stream: Any, call: _Call, *, is_async: bool) -> None:
-    """Watch an SDK stream in place: it keeps its type and its helpers keep working."""
-    call.request = getattr(getattr(stream, "response", None), "request", None)
-    inner = stream._iterator
-    stream._iterator = _observe_async(inner, call) if is_async else _observe(inner, call)
-    # Another instrumentation (OpenInference) may hand back a proxy of the SDK's stream;
-    # its class cannot be swapped, the stream it wraps can.
-    target = stream
-    while hasattr(type(target), "__wrapped__"):  # a wrapt ObjectProxy
-        target = target.__wrapped__
-    target.__class__ = _closing_class(type(target), is_async=is_async)
-    target._tokenledger_call = call
-    # A stream dropped unread (or part read) is recorded when it is collected. The
-    # finalizer holds the call, never the stream, so it does not keep the stream alive.
-    finalizer = weakref.finalize(stream, call.abandon)
-    finalizer.atexit = False
-
-
-def _observe(inner: Iterator[Any], call: _Call) -> Iterator[Any]:
-    try:
-        for item in inner:
-            call.see_chunk(item)
-            yield item
-    except GeneratorExit:
-        call.abandon()
-        raise
-    except BaseException as exc:
-        call.fail(exc)
-        raise
-    else:
-        call.finish()
-    finally:
-        close = getattr(inner, "close", None)
-        if close is not None:
-            close()
-
-
-async def _observe_async(inner: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
-    import asyncio
-
-    try:
-        async for item in inner:
-            call.see_chunk(item)
-            yield item
-    except (GeneratorExit, asyncio.CancelledError):
-        call.abandon()
-        raise
-    except BaseException as exc:
-        call.fail(exc)
-        raise
-    else:
-        call.finish()
-    finally:
-        aclose = getattr(inner, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-# -- results ------------------------------------------------------------------------------
-
-
-def _raw_response_types() -> tuple[type[Any], ...]:
-    # `with_raw_response` / `with_streaming_response` return these wrappers instead of
-    # the parsed object; they live in private SDK modules, so look them up defensively.
-    import importlib
-
-    found: list[type[Any]] = []
-    for module, name in (
-        ("openai._legacy_response", "LegacyAPIResponse"),
-        ("openai._response", "APIResponse"),
-        ("openai._response", "AsyncAPIResponse"),
-    ):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            logger.debug("openai has no %s.%s", module, name)
-    return tuple(found)
-
-
-_RAW_RESPONSES: Final = _raw_response_types()
-
-
-def _settle(result: Any, call: _Call) -> None:
-    """Finish a sync call from what ``create`` returned."""
-    if isinstance(result, _RAW_RESPONSES):
-        # Parsed once and cached by the SDK: the caller's own parse() gets the same.
-        result = cast(Any, result).parse()
-    if isinstance(result, openai.Stream):
-        _watch_stream(result, call, is_async=False)
-    else:
-        call.see_response(result)
-        call.finish()
-
-
-async def _asettle(result: Any, call: _Call) -> None:
-    if isinstance(result, _RAW_RESPONSES):
-        result = cast(Any, result).parse()
-        if hasattr(result, "__await__"):  # AsyncAPIResponse.parse is a coroutine
-            result = await result
-    if isinstance(result, openai.AsyncStream):
-        _watch_stream(result, call, is_async=True)
-    else:
-        call.see_response(result)
-        call.finish()
 
 
 # -- the wrappers -------------------------------------------------------------------------
@@ -489,81 +307,32 @@ def _pending_args(
     }
 
 
-def _send_model(pending: PendingCall, kwargs: dict[str, Any]) -> None:
-    model = pending.model_to_send
-    if model and model != kwargs.get("model"):
-        kwargs["model"] = model  # a downgrade budget chose a cheaper model
-
-
 def _wrap(
     original: Callable[..., Any], endpoint: _Endpoint, *, is_async: bool, provider: str | None
 ) -> Callable[..., Any]:
-    if is_async:
-
-        @functools.wraps(original)
-        async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            pending: PendingCall | None = None
-            try:
-                pending = await abegin_call(**_pending_args(self, endpoint, kwargs, provider))
-            except (BudgetExceeded, LedgerError):
-                raise  # refused, or budgets cannot be checked: fail closed, send nothing
-            except Exception:
-                logger.exception("tokenledger could not start recording an OpenAI call")
-            if pending is None:
-                return await original(self, *args, **kwargs)
-            _send_model(pending, kwargs)
-            call = _Call(pending, endpoint, kwargs)
-            try:
-                result = await original(self, *args, **kwargs)
-            except BaseException as exc:
-                call.fail(exc)
-                raise
-            try:
-                await _asettle(result, call)
-            except Exception:
-                logger.exception("tokenledger could not record an OpenAI call")
-            return result
-
-    else:
-
-        @functools.wraps(original)
-        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            pending: PendingCall | None = None
-            try:
-                pending = begin_call(**_pending_args(self, endpoint, kwargs, provider))
-            except (BudgetExceeded, LedgerError):
-                raise  # refused, or budgets cannot be checked: fail closed, send nothing
-            except Exception:
-                logger.exception("tokenledger could not start recording an OpenAI call")
-            if pending is None:
-                return original(self, *args, **kwargs)
-            _send_model(pending, kwargs)
-            call = _Call(pending, endpoint, kwargs)
-            try:
-                result = original(self, *args, **kwargs)
-            except BaseException as exc:
-                call.fail(exc)
-                raise
-            try:
-                _settle(result, call)
-            except Exception:
-                logger.exception("tokenledger could not record an OpenAI call")
-            return result
-
-    method._tokenledger_original = original  # type: ignore[attr-defined]
-    return method
-
-
-def _unwrapped(function: Any) -> Any:
-    return getattr(function, "_tokenledger_original", function)
+    return wrap_create(
+        original,
+        _SDK,
+        is_async=is_async,
+        arguments=lambda resource, kwargs: _pending_args(resource, endpoint, kwargs, provider),
+        new_call=lambda pending, kwargs: _Call(pending, endpoint, kwargs),
+    )
 
 
 # -- switching it on and off -----------------------------------------------------------
 
-_lock = threading.Lock()
-# (class, method name) -> (the original attribute, whether the class defined it itself)
-_class_patches: dict[tuple[type, str], tuple[Any, bool]] = {}
-_patched_resources: weakref.WeakSet[Any] = weakref.WeakSet()
+_patches = Patches()
+
+
+def _wraps(provider: str | None) -> list[tuple[type, str, Callable[[Any], Any]]]:
+    return [
+        (
+            cls,
+            name,
+            functools.partial(_wrap, endpoint=endpoint, is_async=is_async, provider=provider),
+        )
+        for cls, name, endpoint, is_async in _TARGETS
+    ]
 
 
 def _resources_of(client: Any) -> dict[type, Any]:
@@ -598,31 +367,9 @@ def instrument(client: Any = None, *, provider: str | None = None) -> Any:
 
     .. versionadded:: 0.1.0
     """
-    with _lock:
-        if client is None:
-            for cls, name, endpoint, is_async in _TARGETS:
-                if (cls, name) in _class_patches or not hasattr(cls, name):
-                    continue  # done already, or a method older SDKs lack (parse)
-                original = cls.__dict__.get(name)
-                own = original is not None
-                if original is None:
-                    original = getattr(cls, name)
-                _class_patches[(cls, name)] = (original, own)
-                wrapped = _wrap(original, endpoint, is_async=is_async, provider=provider)
-                setattr(cls, name, wrapped)
-            return None
-        resources = _resources_of(client)
-        for cls, name, endpoint, is_async in _TARGETS:
-            resource = resources.get(cls)
-            if resource is None or not hasattr(cls, name):
-                continue
-            # Wrap the class's own function (unwrapped if instrument() patched it), so a
-            # client instrumented on its own and globally is still recorded once.
-            original = _unwrapped(getattr(cls, name))
-            wrapped = _wrap(original, endpoint, is_async=is_async, provider=provider)
-            setattr(resource, name, types.MethodType(wrapped, resource))
-            _patched_resources.add(resource)
-        return client
+    with _patches.lock:
+        _patches.patch(_wraps(provider), None if client is None else _resources_of(client))
+    return client
 
 
 def uninstrument(client: Any = None) -> None:
@@ -631,20 +378,5 @@ def uninstrument(client: Any = None) -> None:
 
     .. versionadded:: 0.1.0
     """
-    with _lock:
-        if client is None:
-            for (cls, name), (original, own) in _class_patches.items():
-                if own:
-                    setattr(cls, name, original)
-                else:
-                    delattr(cls, name)
-            _class_patches.clear()
-            resources: list[Any] = list(_patched_resources)
-        else:
-            resources = list(_resources_of(client).values())
-        for resource in resources:
-            for name in ("create", "parse"):
-                bound = resource.__dict__.get(name)
-                if hasattr(getattr(bound, "__func__", None), "_tokenledger_original"):
-                    del resource.__dict__[name]
-            _patched_resources.discard(resource)
+    with _patches.lock:
+        _patches.restore(None if client is None else _resources_of(client).values())

@@ -63,7 +63,6 @@ import copy
 import functools
 import json
 import logging
-import math
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -89,6 +88,8 @@ from tokenledger.exceptions import BudgetExceeded, LedgerError
 from tokenledger.records import TokenUsage
 from tokenledger.runs import Run, RunContext, current_run
 
+from ._sdk import OPENAI_COMPATIBLE_HOSTS, count_tokens
+
 if TYPE_CHECKING:
     from tokenledger.ledger import Ledger
 
@@ -109,16 +110,6 @@ _MODEL_PARAMETERS: Final = (
 )
 _DEFAULT_WORKFLOW_NAME: Final = agents.RunConfig().workflow_name  # "Agent workflow"
 _MODEL_CLASSES: Final = (OpenAIResponsesModel, OpenAIChatCompletionsModel)
-# Hosts of OpenAI-compatible APIs, named as `tokenledger.integrations.openai` names them.
-_HOST_PROVIDERS: Final = {
-    "api.openai.com": "openai",
-    "openrouter.ai": "openrouter",
-    "api.deepseek.com": "deepseek",
-    "api.groq.com": "groq",
-    "api.mistral.ai": "mistral",
-    "api.x.ai": "xai",
-    "generativelanguage.googleapis.com": "gemini",
-}
 
 
 # -- which ledger, which name ----------------------------------------------------------
@@ -316,7 +307,7 @@ def _provider_of(client: Any) -> str:
     if isinstance(client, openai.AsyncAzureOpenAI):
         return "azure"
     host = getattr(getattr(client, "base_url", None), "host", None)
-    return _HOST_PROVIDERS.get(host or "", "openai")
+    return OPENAI_COMPATIBLE_HOSTS.get(host or "", "openai")
 
 
 def _input_texts(arguments: dict[str, Any]) -> list[str]:
@@ -331,15 +322,6 @@ def _input_texts(arguments: dict[str, Any]) -> list[str]:
     elif isinstance(items, list):
         texts.extend(i if isinstance(i, str) else json.dumps(i, default=str) for i in items)
     return texts
-
-
-def _count_tokens(model: str, text: str) -> int:
-    try:
-        import litellm
-
-        return int(litellm.token_counter(model=model, text=text))
-    except Exception:
-        return math.ceil(len(text) / 4)
 
 
 async def _begin(model: Any, arguments: dict[str, Any], *, stream: bool) -> PendingCall | None:
@@ -391,9 +373,11 @@ def _output_text(output: Any) -> str:
 
 def _estimated(pending: PendingCall, arguments: dict[str, Any], output: Any) -> TokenUsage:
     model = pending.call.requested_model or ""
-    prompt = _count_tokens(model, "\n".join(_input_texts(arguments)))
+    prompt = count_tokens(model, text="\n".join(_input_texts(arguments)))
     text = _output_text(output)
-    return TokenUsage(input_tokens=prompt, output_tokens=_count_tokens(model, text) if text else 0)
+    return TokenUsage(
+        input_tokens=prompt, output_tokens=count_tokens(model, text=text) if text else 0
+    )
 
 
 def _finish(

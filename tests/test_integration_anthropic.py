@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -21,8 +20,8 @@ from typing import Any
 import anthropic
 import pytest
 from helpers import calls_of
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from wire import MESSAGES, Server, call_span, only_call, sse
 
 from tokenledger import Budget, BudgetExceeded, Ledger, LedgerError
 from tokenledger.integrations import anthropic as tl_anthropic
@@ -37,7 +36,6 @@ except ModuleNotFoundError:  # pragma: no cover - depends on the installed SDK
 # hand-computed figures use, so it stays.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
-MESSAGES = [{"role": "user", "content": "Summarise the ticket in one line."}]
 SYSTEM = "You triage support tickets."
 SERVED = "claude-sonnet-4-5-20250929"
 
@@ -72,10 +70,6 @@ def message(usage: dict[str, Any] = USAGE, model: str = SERVED) -> dict[str, Any
     }
 
 
-def sse(*events: dict[str, Any]) -> bytes:
-    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events).encode()
-
-
 def text_delta(text: str) -> dict[str, Any]:
     return {
         "type": "content_block_delta",
@@ -90,23 +84,15 @@ def message_events(*, error: bool = False, model: str = SERVED) -> bytes:
         {"type": "message_start", "message": start},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
         {"type": "ping"},
-        {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": "Printer"},
-        },
+        text_delta("Printer"),
     ]
     if error:
         events.append(
             {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
         )
-        return sse(*events)
+        return sse(*events, named=True)
     events += [
-        {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": " jam."},
-        },
+        text_delta(" jam."),
         {"type": "content_block_stop", "index": 0},
         {
             "type": "message_delta",
@@ -115,22 +101,7 @@ def message_events(*, error: bool = False, model: str = SERVED) -> bytes:
         },
         {"type": "message_stop"},
     ]
-    return sse(*events)
-
-
-class Server:
-    """An offline Anthropic API: answers every request with the next canned response."""
-
-    def __init__(self, *answers: Any) -> None:
-        self.answers = list(answers)
-        self.requests: list[Any] = []
-
-    def __call__(self, request: Any) -> Any:
-        self.requests.append(request)
-        return self.answers.pop(0)
-
-    def body(self, index: int = -1) -> dict[str, Any]:
-        return json.loads(self.requests[index].content)  # type: ignore[no-any-return]
+    return sse(*events, named=True)
 
 
 def json_answer(body: dict[str, Any], status: int = 200) -> Any:
@@ -166,27 +137,6 @@ def instrumented() -> Iterator[None]:
     tl_anthropic.instrument()
     yield
     tl_anthropic.uninstrument()
-
-
-def only_call(ledger: Ledger) -> dict[str, Any]:
-    ledger.flush()
-    calls = calls_of(ledger)
-    assert 1 == len(calls), calls
-    return calls[0]
-
-
-def call_span(exporter: InMemorySpanExporter) -> ReadableSpan:
-    """tokenledger's span of the call (the SDK emits its own spans too)."""
-    spans = [
-        s
-        for s in exporter.get_finished_spans()
-        if s.instrumentation_scope is not None
-        and s.instrumentation_scope.name == "tokenledger"
-        and s.attributes is not None
-        and "tokenledger.call.id" in s.attributes
-    ]
-    assert 1 == len(spans), spans
-    return spans[0]
 
 
 def tokens(call: dict[str, Any]) -> tuple[int, int, int, int]:

@@ -2,18 +2,17 @@
 replaced offline.
 
 Every model here is langchain-openai's ``ChatOpenAI`` talking to an
-``httpx.MockTransport`` that answers with OpenAI's wire formats: chat completion JSON
-with a usage block, and SSE chunks ending in ``data: [DONE]`` (with the
-``include_usage`` chunk that ``stream_usage=True`` asks for, and without it). Graphs are
-real LangGraph ``StateGraph``s. Prices are litellm's bundled map: gpt-4o-mini is
-$0.15 / $0.60 per million input / output tokens and $0.075 for cache reads;
-claude-sonnet-4-5 is $3 / $15, cache writes $3.75, cache reads $0.30.
+``httpx.MockTransport`` that answers with OpenAI's wire formats (tests/wire.py builds
+them): chat completion JSON with a usage block, and SSE chunks ending in
+``data: [DONE]`` (with the ``include_usage`` chunk that ``stream_usage=True`` asks for,
+and without it). Graphs are real LangGraph ``StateGraph``s. Prices are litellm's bundled
+map: gpt-4o-mini is $0.15 / $0.60 per million input / output tokens and $0.075 for cache
+reads; claude-sonnet-4-5 is $3 / $15, cache writes $3.75, cache reads $0.30.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 import threading
 from collections.abc import Iterator
@@ -27,111 +26,30 @@ from helpers import calls_of, runs_by_name
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_openai import ChatOpenAI, OpenAI
 from langgraph.graph import END, START, StateGraph
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from wire import (
+    CACHED_COST,
+    MESSAGES,
+    PROMPT,
+    SERVED,
+    Server,
+    call_span,
+    call_spans,
+    chat_chunks,
+    chat_completion,
+    counted,
+    gpt_4o_mini_cost,
+    json_answer,
+    only_call,
+    sse_answer,
+    tokens,
+)
 
 from tokenledger import Budget, BudgetExceeded, Ledger
 from tokenledger.integrations import langchain as tl_langchain
 from tokenledger.integrations import openai as tl_openai
 
-PROMPT = "Summarise the ticket in one line."
-MESSAGES = [{"role": "user", "content": PROMPT}]  # what LangChain sends for PROMPT
-SERVED = "gpt-4o-mini-2024-07-18"
-
-# 1200 prompt tokens of which 1000 cached, 300 completion tokens of which 100 reasoning:
-# 200 x $0.15/M + 1000 x $0.075/M + 300 x $0.60/M = $0.00003 + $0.000075 + $0.00018
-CACHED_COST = Decimal("0.000285")
-CHAT_USAGE = {
-    "prompt_tokens": 1200,
-    "completion_tokens": 300,
-    "total_tokens": 1500,
-    "prompt_tokens_details": {"cached_tokens": 1000, "audio_tokens": 0},
-    "completion_tokens_details": {
-        "reasoning_tokens": 100,
-        "audio_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    },
-}
-
-
-# -- the provider's wire formats -------------------------------------------------------
-
-
-def chat_completion(
-    usage: dict[str, Any] | None = CHAT_USAGE, model: str = SERVED
-) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Printer jam.", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": usage,
-        "service_tier": "default",
-        "system_fingerprint": "fp_1",
-    }
-
-
-def sse(*events: dict[str, Any] | str) -> bytes:
-    return "".join(
-        f"data: {event if isinstance(event, str) else json.dumps(event)}\n\n" for event in events
-    ).encode()
-
-
-def chat_chunks(*, include_usage: bool) -> bytes:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion.chunk",
-            "created": 1_700_000_000,
-            "model": SERVED,
-            "system_fingerprint": "fp_1",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            body["usage"] = None  # OpenAI sends null on every chunk but the last
-        return body
-
-    chunks: list[dict[str, Any] | str] = [
-        chunk({"role": "assistant", "content": "", "refusal": None}),
-        chunk({"content": "Printer"}),
-        chunk({"content": " jam."}),
-        chunk({}, "stop"),
-    ]
-    if include_usage:
-        chunks.append({**chunk({}), "choices": [], "usage": CHAT_USAGE})
-    return sse(*chunks, "[DONE]")
-
-
-class Server:
-    """An offline OpenAI: answers every request with the next canned response."""
-
-    def __init__(self, *answers: httpx.Response) -> None:
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.answers.pop(0)
-
-    def body(self, index: int = -1) -> dict[str, Any]:
-        return json.loads(self.requests[index].content)  # type: ignore[no-any-return]
-
-
-def json_answer(body: dict[str, Any], status: int = 200) -> httpx.Response:
-    return httpx.Response(status, json=body)
-
-
-def sse_answer(content: bytes) -> httpx.Response:
-    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=content)
+# -- the provider, offline ------------------------------------------------------------
 
 
 def chat_model(server: Server, model: str = "gpt-4o-mini", **options: Any) -> ChatOpenAI:
@@ -173,51 +91,8 @@ def openai_instrumented() -> Iterator[None]:
     tl_openai.uninstrument()
 
 
-def only_call(ledger: Ledger) -> dict[str, Any]:
-    ledger.flush()
-    calls = calls_of(ledger)
-    assert 1 == len(calls), calls
-    return calls[0]
-
-
-def call_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
-    return [
-        s
-        for s in exporter.get_finished_spans()
-        if s.instrumentation_scope is not None
-        and s.instrumentation_scope.name == "tokenledger"
-        and s.attributes is not None
-        and "tokenledger.call.id" in s.attributes
-    ]
-
-
 def call_attributes(exporter: InMemorySpanExporter) -> dict[str, Any]:
-    spans = call_spans(exporter)
-    assert 1 == len(spans), spans
-    return dict(spans[0].attributes or {})
-
-
-def tokens(call: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    return (
-        call["input_tokens"],
-        call["cache_read_tokens"],
-        call["cache_write_tokens"],
-        call["output_tokens"],
-        call["reasoning_tokens"],
-    )
-
-
-def counted(model: str, *, messages: Any = None, text: str | None = None) -> int:
-    """What tiktoken (through litellm) counts: the figure an estimate must use."""
-    import litellm
-
-    if messages is not None:
-        return int(litellm.token_counter(model=model, messages=messages))
-    return int(litellm.token_counter(model=model, text=text))
-
-
-def gpt_4o_mini_cost(input_tokens: int, output_tokens: int) -> Decimal:
-    return (input_tokens * Decimal("0.15") + output_tokens * Decimal("0.60")) / Decimal(1_000_000)
+    return dict(call_span(exporter).attributes or {})
 
 
 # -- one call ---------------------------------------------------------------------------

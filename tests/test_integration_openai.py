@@ -1,11 +1,11 @@
 """The OpenAI SDK integration, against the real SDK with its network replaced offline.
 
 Every client here talks to an ``httpx.MockTransport`` that answers with OpenAI's wire
-formats: chat completion JSON with a usage block, SSE chunks ending in ``data: [DONE]``
-(with and without the ``include_usage`` chunk), Responses API JSON and events, and
-embeddings JSON. Prices are litellm's bundled map: gpt-4o-mini is $0.15 / $0.60 per
-million input / output tokens and $0.075 for cache reads; gpt-4o is $2.50 / $10;
-text-embedding-3-small is $0.02.
+formats (tests/wire.py builds them): chat completion JSON with a usage block, SSE chunks
+ending in ``data: [DONE]`` (with and without the ``include_usage`` chunk), Responses API
+JSON and events, and embeddings JSON. Prices are litellm's bundled map: gpt-4o-mini is
+$0.15 / $0.60 per million input / output tokens and $0.075 for cache reads; gpt-4o is
+$2.50 / $10; text-embedding-3-small is $0.02.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -23,155 +22,34 @@ import httpx
 import openai
 import pytest
 from helpers import calls_of
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from wire import (
+    CACHED_COST,
+    CHAT_USAGE,
+    MESSAGES,
+    SERVED,
+    Server,
+    async_client,
+    call_span,
+    chat_chunks,
+    chat_completion,
+    counted,
+    gpt_4o_mini_cost,
+    json_answer,
+    only_call,
+    output_message,
+    responses_body,
+    responses_events,
+    sse,
+    sse_answer,
+    sync_client,
+    tokens,
+)
 
 from tokenledger import Budget, BudgetExceeded, Ledger, LedgerError
 from tokenledger.integrations import openai as tl_openai
 
-MESSAGES = [{"role": "user", "content": "Summarise the ticket in one line."}]
-SERVED = "gpt-4o-mini-2024-07-18"
-
-# 1200 prompt tokens of which 1000 cached, 300 completion tokens of which 100 reasoning:
-# 200 x $0.15/M + 1000 x $0.075/M + 300 x $0.60/M
-CACHED_COST = Decimal("0.000285")
-CHAT_USAGE = {
-    "prompt_tokens": 1200,
-    "completion_tokens": 300,
-    "total_tokens": 1500,
-    "prompt_tokens_details": {"cached_tokens": 1000, "audio_tokens": 0},
-    "completion_tokens_details": {
-        "reasoning_tokens": 100,
-        "audio_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    },
-}
-RESPONSES_USAGE = {
-    "input_tokens": 1200,
-    "input_tokens_details": {"cached_tokens": 1000},
-    "output_tokens": 300,
-    "output_tokens_details": {"reasoning_tokens": 100},
-    "total_tokens": 1500,
-}
-
-
-# -- the provider's wire formats -------------------------------------------------------
-
-
-def chat_completion(usage: dict[str, Any] | None = CHAT_USAGE) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": SERVED,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Printer jam.", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": usage,
-        "service_tier": "default",
-        "system_fingerprint": "fp_1",
-    }
-
-
-def sse(*events: dict[str, Any] | str, named: bool = False) -> bytes:
-    """Server-sent events: ``data: {...}`` blocks (``event:`` lines for Responses)."""
-    out = []
-    for event in events:
-        data = event if isinstance(event, str) else json.dumps(event)
-        if named and isinstance(event, dict):
-            out.append(f"event: {event['type']}\n")
-        out.append(f"data: {data}\n\n")
-    return "".join(out).encode()
-
-
-def chat_chunks(*, include_usage: bool) -> bytes:
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion.chunk",
-            "created": 1_700_000_000,
-            "model": SERVED,
-            "system_fingerprint": "fp_1",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if include_usage:
-            body["usage"] = None  # OpenAI sends null on every chunk but the last
-        return body
-
-    chunks: list[dict[str, Any] | str] = [
-        chunk({"role": "assistant", "content": "", "refusal": None}),
-        chunk({"content": "Printer"}),
-        chunk({"content": " jam."}),
-        chunk({}, "stop"),
-    ]
-    if include_usage:
-        chunks.append({**chunk({}), "choices": [], "usage": CHAT_USAGE})
-    return sse(*chunks, "[DONE]")
-
-
-def responses_body(status: str = "completed", usage: Any = RESPONSES_USAGE) -> dict[str, Any]:
-    return {
-        "id": "resp_1",
-        "object": "response",
-        "created_at": 1_700_000_000,
-        "status": status,
-        "error": None,
-        "incomplete_details": None,
-        "instructions": None,
-        "max_output_tokens": 500,
-        "model": SERVED,
-        "output": [
-            {
-                "type": "message",
-                "id": "msg_1",
-                "status": "completed",
-                "role": "assistant",
-                "content": [{"type": "output_text", "text": "Printer jam.", "annotations": []}],
-            }
-        ],
-        "parallel_tool_calls": True,
-        "temperature": 1.0,
-        "tool_choice": "auto",
-        "tools": [],
-        "top_p": 1.0,
-        "usage": usage,
-    }
-
-
-def responses_events(final: str = "response.completed") -> bytes:
-    """The Responses API's event stream for one text message, as OpenAI sends it."""
-    started = {**responses_body("in_progress", None), "output": []}
-    item = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant"}
-    part = {"type": "output_text", "annotations": [], "text": ""}
-    at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
-    finished = responses_body()
-    if final == "response.failed":
-        finished = {
-            **finished,
-            "status": "failed",
-            "error": {"code": "server_error", "message": "The model crashed."},
-        }
-    events: list[dict[str, Any]] = [
-        {"type": "response.created", "response": started},
-        {"type": "response.in_progress", "response": started},
-        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "content": []}},
-        {"type": "response.content_part.added", **at, "part": part},
-        {"type": "response.output_text.delta", **at, "delta": "Printer", "logprobs": []},
-        {"type": "response.output_text.delta", **at, "delta": " jam.", "logprobs": []},
-        {"type": "response.output_text.done", **at, "text": "Printer jam.", "logprobs": []},
-        {"type": "response.content_part.done", **at, "part": {**part, "text": "Printer jam."}},
-        {"type": "response.output_item.done", "output_index": 0, "item": finished["output"][0]},
-        {"type": final, "response": finished},
-    ]
-    return sse(*({**e, "sequence_number": n} for n, e in enumerate(events)), named=True)
-
-
+# The embeddings API's wire format; the others are in tests/wire.py.
 EMBEDDING = {
     "object": "list",
     "data": [{"object": "embedding", "index": 0, "embedding": [0.1, -0.2, 0.3]}],
@@ -180,46 +58,7 @@ EMBEDDING = {
 }
 
 
-class Server:
-    """An offline OpenAI: answers every request with the next canned response."""
-
-    def __init__(self, *answers: httpx.Response) -> None:
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.answers.pop(0)
-
-    def body(self, index: int = -1) -> dict[str, Any]:
-        return json.loads(self.requests[index].content)  # type: ignore[no-any-return]
-
-
-def json_answer(body: dict[str, Any], status: int = 200) -> httpx.Response:
-    return httpx.Response(status, json=body)
-
-
-def sse_answer(content: bytes) -> httpx.Response:
-    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=content)
-
-
-def sync_client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(
-        api_key="sk-test",
-        max_retries=0,
-        http_client=httpx.Client(transport=httpx.MockTransport(server)),
-    )
-
-
-def async_client(server: Server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        api_key="sk-test",
-        max_retries=0,
-        http_client=httpx.AsyncClient(transport=httpx.MockTransport(server)),
-    )
-
-
-# -- fixtures and readers ---------------------------------------------------------------
+# -- fixtures ----------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -228,49 +67,6 @@ def instrumented() -> Iterator[None]:
     tl_openai.instrument()
     yield
     tl_openai.uninstrument()
-
-
-def only_call(ledger: Ledger) -> dict[str, Any]:
-    ledger.flush()
-    calls = calls_of(ledger)
-    assert 1 == len(calls), calls
-    return calls[0]
-
-
-def call_span(exporter: InMemorySpanExporter) -> ReadableSpan:
-    spans = [
-        s
-        for s in exporter.get_finished_spans()
-        if s.instrumentation_scope is not None
-        and s.instrumentation_scope.name == "tokenledger"
-        and s.attributes is not None
-        and "tokenledger.call.id" in s.attributes
-    ]
-    assert 1 == len(spans), spans
-    return spans[0]
-
-
-def tokens(call: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    return (
-        call["input_tokens"],
-        call["cache_read_tokens"],
-        call["cache_write_tokens"],
-        call["output_tokens"],
-        call["reasoning_tokens"],
-    )
-
-
-def counted(model: str, *, messages: Any = None, text: str | None = None) -> int:
-    """What tiktoken (through litellm) counts: the figure an estimate must use."""
-    import litellm
-
-    if messages is not None:
-        return int(litellm.token_counter(model=model, messages=messages))
-    return int(litellm.token_counter(model=model, text=text))
-
-
-def gpt_4o_mini_cost(input_tokens: int, output_tokens: int) -> Decimal:
-    return (input_tokens * Decimal("0.15") + output_tokens * Decimal("0.60")) / Decimal(1_000_000)
 
 
 # -- Chat Completions -------------------------------------------------------------------
@@ -526,7 +322,8 @@ async def test_an_async_stream_closed_early_is_recorded_as_abandoned(
 def test_a_response_is_recorded_with_cached_and_reasoning_tokens(
     ledger: Ledger, span_exporter: InMemorySpanExporter
 ) -> None:
-    server = Server(json_answer(responses_body()))
+    body = responses_body(output_message("Printer jam."), max_output_tokens=500)
+    server = Server(json_answer(body))
     with ledger.run("triage"):
         response = sync_client(server).responses.create(
             model="gpt-4o-mini",
@@ -556,7 +353,7 @@ def test_a_response_is_recorded_with_cached_and_reasoning_tokens(
 
 @pytest.mark.usefixtures("instrumented")
 def test_a_response_stream_is_priced_from_its_completed_event(ledger: Ledger) -> None:
-    server = Server(sse_answer(responses_events()))
+    server = Server(sse_answer(responses_events("Printer", " jam.")))
     with ledger.run("triage"):
         stream = sync_client(server).responses.create(
             model="gpt-4o-mini", input="Summarise the ticket.", stream=True
@@ -575,7 +372,7 @@ def test_a_response_stream_is_priced_from_its_completed_event(ledger: Ledger) ->
 
 @pytest.mark.usefixtures("instrumented")
 def test_the_responses_stream_helper_is_recorded_once(ledger: Ledger) -> None:
-    server = Server(sse_answer(responses_events()))
+    server = Server(sse_answer(responses_events("Printer", " jam.")))
     with (
         ledger.run("triage"),
         sync_client(server).responses.stream(
@@ -589,7 +386,7 @@ def test_the_responses_stream_helper_is_recorded_once(ledger: Ledger) -> None:
 
 @pytest.mark.usefixtures("instrumented")
 def test_a_failed_response_event_is_recorded_as_an_error(ledger: Ledger) -> None:
-    server = Server(sse_answer(responses_events(final="response.failed")))
+    server = Server(sse_answer(responses_events("Printer", " jam.", final="response.failed")))
     with ledger.run("triage"):
         for _event in sync_client(server).responses.create(
             model="gpt-4o-mini", input="Summarise the ticket.", stream=True
@@ -601,7 +398,7 @@ def test_a_failed_response_event_is_recorded_as_an_error(ledger: Ledger) -> None
 
 
 async def test_an_async_response_stream_is_recorded(ledger: Ledger, instrumented: None) -> None:
-    server = Server(sse_answer(responses_events()))
+    server = Server(sse_answer(responses_events("Printer", " jam.")))
     async with ledger.run("triage"):
         stream = await async_client(server).responses.create(
             model="gpt-4o-mini", input="Summarise the ticket.", stream=True

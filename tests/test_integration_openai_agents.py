@@ -2,11 +2,12 @@
 
 Agents run with the SDK's own ``Runner`` and models (``OpenAIResponsesModel``,
 ``OpenAIChatCompletionsModel``) over an ``AsyncOpenAI`` client whose transport is an
-``httpx.MockTransport`` answering with OpenAI's wire formats: Responses API JSON (a
-message, a function call, a handoff), its SSE event stream, and chat completion JSON.
-The SDK's tracing stays on, with its exporter to OpenAI's backend removed for these
-tests. Prices are litellm's bundled map: gpt-4o-mini is $0.15 / $0.60 per million
-input / output tokens and $0.075 for cache reads; gpt-4o is $2.50 / $10.
+``httpx.MockTransport`` answering with OpenAI's wire formats (tests/wire.py builds
+them): Responses API JSON (a message, a function call, a handoff), its SSE event stream,
+and chat completion JSON. The SDK's tracing stays on, with its exporter to OpenAI's
+backend removed for these tests. Prices are litellm's bundled map: gpt-4o-mini is
+$0.15 / $0.60 per million input / output tokens and $0.075 for cache reads; gpt-4o is
+$2.50 / $10.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from decimal import Decimal
 from typing import Any
 
 import agents
-import httpx
 import openai
 import pytest
 from agents import (
@@ -34,23 +34,23 @@ from agents import (
 from agents.tracing import Span, Trace, TracingProcessor
 from helpers import calls_of, rows
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from wire import (
+    CACHED_COST,
+    SERVED,
+    Server,
+    async_client,
+    chat_completion,
+    json_answer,
+    output_message,
+    responses_body,
+    responses_events,
+    sse_answer,
+)
 
 from tokenledger import Budget, BudgetExceeded, Ledger
 from tokenledger.integrations import openai as tl_openai
 from tokenledger.integrations import openai_agents as tl_agents
 
-SERVED = "gpt-4o-mini-2024-07-18"
-
-# 1200 input tokens of which 1000 cached, 300 output tokens of which 100 reasoning:
-# 200 x $0.15/M + 1000 x $0.075/M + 300 x $0.60/M = $0.000030 + $0.000075 + $0.000180
-CACHED_USAGE = {
-    "input_tokens": 1200,
-    "input_tokens_details": {"cached_tokens": 1000},
-    "output_tokens": 300,
-    "output_tokens_details": {"reasoning_tokens": 100},
-    "total_tokens": 1500,
-}
-CACHED_COST = Decimal("0.000285")
 # 500 input tokens, 50 output tokens: 500 x $0.15/M + 50 x $0.60/M = $0.000075 + $0.000030
 PLAIN_USAGE = {
     "input_tokens": 500,
@@ -62,17 +62,7 @@ PLAIN_USAGE = {
 PLAIN_COST = Decimal("0.000105")
 
 
-# -- the provider's wire formats -------------------------------------------------------
-
-
-def message(text: str) -> dict[str, Any]:
-    return {
-        "type": "message",
-        "id": "msg_1",
-        "status": "completed",
-        "role": "assistant",
-        "content": [{"type": "output_text", "text": text, "annotations": []}],
-    }
+# -- the provider's wire formats (the rest are in tests/wire.py) ---------------------------
 
 
 def function_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -86,108 +76,6 @@ def function_call(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def response(
-    *output: dict[str, Any], usage: dict[str, Any] | None = CACHED_USAGE
-) -> dict[str, Any]:
-    return {
-        "id": "resp_1",
-        "object": "response",
-        "created_at": 1_700_000_000,
-        "status": "completed",
-        "error": None,
-        "incomplete_details": None,
-        "instructions": None,
-        "max_output_tokens": None,
-        "model": SERVED,
-        "output": list(output),
-        "parallel_tool_calls": True,
-        "temperature": 1.0,
-        "tool_choice": "auto",
-        "tools": [],
-        "top_p": 1.0,
-        "usage": usage,
-    }
-
-
-def response_events(text: str) -> bytes:
-    """The Responses API's event stream for one text message, as OpenAI sends it."""
-    started = {**response(usage=None), "status": "in_progress"}
-    item = {"id": "msg_1", "type": "message", "status": "in_progress", "role": "assistant"}
-    part = {"type": "output_text", "annotations": [], "text": ""}
-    at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
-    events: list[dict[str, Any]] = [
-        {"type": "response.created", "response": started},
-        {"type": "response.in_progress", "response": started},
-        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "content": []}},
-        {"type": "response.content_part.added", **at, "part": part},
-        {"type": "response.output_text.delta", **at, "delta": text, "logprobs": []},
-        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
-        {"type": "response.content_part.done", **at, "part": {**part, "text": text}},
-        {"type": "response.output_item.done", "output_index": 0, "item": message(text)},
-        {"type": "response.completed", "response": response(message(text))},
-    ]
-    lines = []
-    for number, event in enumerate(events):
-        lines.append(
-            f"event: {event['type']}\ndata: {json.dumps({**event, 'sequence_number': number})}\n\n"
-        )
-    return "".join(lines).encode()
-
-
-def chat_completion(text: str) -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": SERVED,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": 1200,
-            "completion_tokens": 300,
-            "total_tokens": 1500,
-            "prompt_tokens_details": {"cached_tokens": 1000},
-            "completion_tokens_details": {"reasoning_tokens": 100},
-        },
-    }
-
-
-class Server:
-    """An offline OpenAI: answers every request with the next canned response."""
-
-    def __init__(self, *answers: httpx.Response) -> None:
-        self.answers = list(answers)
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        self.requests.append(request)
-        return self.answers.pop(0)
-
-    def body(self, index: int = -1) -> dict[str, Any]:
-        return json.loads(self.requests[index].content)  # type: ignore[no-any-return]
-
-    def client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(
-            api_key="sk-test",
-            max_retries=0,
-            http_client=httpx.AsyncClient(transport=httpx.MockTransport(self)),
-        )
-
-
-def answer(body: dict[str, Any], status: int = 200) -> httpx.Response:
-    return httpx.Response(status, json=body)
-
-
-def sse_answer(content: bytes) -> httpx.Response:
-    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=content)
-
-
 @function_tool
 def lookup_order(order_id: str) -> str:
     """Look an order up by its id."""
@@ -198,7 +86,7 @@ def support_agent(server: Server, model: str = "gpt-4o-mini", **settings: Any) -
     return Agent(
         name="support",
         instructions="Answer questions about orders.",
-        model=OpenAIResponsesModel(model, server.client()),
+        model=OpenAIResponsesModel(model, async_client(server)),
         model_settings=ModelSettings(**settings),
         tools=[lookup_order],
     )
@@ -251,8 +139,8 @@ def tokens(call: dict[str, Any]) -> tuple[int, int, int, int]:
 @pytest.mark.usefixtures("instrumented")
 async def test_a_tool_call_turn_records_one_call_per_model_request(ledger: Ledger) -> None:
     server = Server(
-        answer(response(function_call("lookup_order", {"order_id": "42"}))),
-        answer(response(message("It shipped yesterday."), usage=PLAIN_USAGE)),
+        json_answer(responses_body(function_call("lookup_order", {"order_id": "42"}))),
+        json_answer(responses_body(output_message("It shipped yesterday."), usage=PLAIN_USAGE)),
     )
     async with ledger.run("ticket") as ticket:
         result = await Runner.run(
@@ -285,7 +173,7 @@ async def test_a_tool_call_turn_records_one_call_per_model_request(ledger: Ledge
 def test_run_sync_outside_any_run_makes_a_root_run_named_after_the_agent(
     ledger: Ledger,
 ) -> None:
-    server = Server(answer(response(message("Shipped."))))
+    server = Server(json_answer(responses_body(output_message("Shipped."))))
     result = Runner.run_sync(support_agent(server), "Where is order 42?")
     assert "Shipped." == result.final_output
     ledger.flush()
@@ -303,7 +191,7 @@ def test_run_sync_outside_any_run_makes_a_root_run_named_after_the_agent(
 
 @pytest.mark.usefixtures("instrumented")
 async def test_a_streamed_run_is_recorded_from_its_completed_event(ledger: Ledger) -> None:
-    server = Server(sse_answer(response_events("Shipped yesterday.")))
+    server = Server(sse_answer(responses_events("Shipped yesterday.")))
     async with ledger.run("ticket") as ticket:
         streamed = Runner.run_streamed(
             support_agent(server), "Where is order 42?", run_config=RunConfig(workflow_name="w")
@@ -332,10 +220,10 @@ async def test_a_streamed_run_is_recorded_from_its_completed_event(ledger: Ledge
 @pytest.mark.usefixtures("instrumented")
 async def test_a_handoff_gives_each_agent_its_own_child_run(ledger: Ledger) -> None:
     server = Server(
-        answer(response(function_call("transfer_to_billing", {}))),
-        answer(response(message("Refund issued."), usage=PLAIN_USAGE)),
+        json_answer(responses_body(function_call("transfer_to_billing", {}))),
+        json_answer(responses_body(output_message("Refund issued."), usage=PLAIN_USAGE)),
     )
-    client = server.client()
+    client = async_client(server)
     billing = Agent(name="billing", model=OpenAIResponsesModel("gpt-4o-mini", client))
     triage = Agent(
         name="triage",
@@ -364,10 +252,10 @@ async def test_a_handoff_gives_each_agent_its_own_child_run(ledger: Ledger) -> N
 async def test_a_chat_completions_model_is_recorded_with_cached_and_reasoning_tokens(
     ledger: Ledger,
 ) -> None:
-    server = Server(answer(chat_completion("Shipped.")))
+    server = Server(json_answer(chat_completion(text="Shipped.")))
     agent = Agent(
         name="support",
-        model=OpenAIChatCompletionsModel("gpt-4o-mini", server.client()),
+        model=OpenAIChatCompletionsModel("gpt-4o-mini", async_client(server)),
         model_settings=ModelSettings(max_tokens=400),
     )
     async with ledger.run("ticket"):
@@ -386,7 +274,7 @@ async def test_a_chat_completions_model_is_recorded_with_cached_and_reasoning_to
 async def test_calls_and_runs_are_spans_nested_under_the_enclosing_run(
     ledger: Ledger, span_exporter: InMemorySpanExporter
 ) -> None:
-    server = Server(answer(response(message("Shipped."))))
+    server = Server(json_answer(responses_body(output_message("Shipped."))))
     async with ledger.run("ticket") as ticket:
         await Runner.run(support_agent(server, max_tokens=500), "Where is order 42?")
     (call,) = calls(ledger)
@@ -424,7 +312,7 @@ async def test_calls_and_runs_are_spans_nested_under_the_enclosing_run(
 @pytest.mark.usefixtures("instrumented")
 @pytest.mark.parametrize("streamed", [False, True], ids=["run", "run_streamed"])
 async def test_a_budget_refusal_sends_no_request(ledger: Ledger, streamed: bool) -> None:
-    server = Server(answer(response(message("Shipped."))))
+    server = Server(json_answer(responses_body(output_message("Shipped."))))
     agent = support_agent(server, model="gpt-4o")
     with pytest.raises(BudgetExceeded):
         async with ledger.run("capped", budget=Budget(usd="0.000001")):
@@ -440,7 +328,7 @@ async def test_a_budget_refusal_sends_no_request(ledger: Ledger, streamed: bool)
 
 @pytest.mark.usefixtures("instrumented")
 async def test_a_downgrade_budget_sends_the_cheaper_model(ledger: Ledger) -> None:
-    server = Server(answer(response(message("Shipped."))))
+    server = Server(json_answer(responses_body(output_message("Shipped."))))
     agent = support_agent(server, model="gpt-4o", max_tokens=200)
     model = agent.model
     budget = Budget(usd="0.001", action="downgrade", downgrade_to=["gpt-4o-mini"])
@@ -463,7 +351,7 @@ async def test_a_downgrade_budget_sends_the_cheaper_model(ledger: Ledger) -> Non
 @pytest.mark.usefixtures("instrumented")
 async def test_a_failed_request_is_recorded_and_raised_unchanged(ledger: Ledger) -> None:
     error = {"error": {"message": "Bad model", "type": "invalid_request_error", "code": None}}
-    server = Server(answer(error, status=400))
+    server = Server(json_answer(error, status=400))
     with pytest.raises(openai.BadRequestError):
         async with ledger.run("ticket"):
             await Runner.run(support_agent(server), "Where is order 42?")
@@ -490,7 +378,7 @@ async def test_a_failed_request_is_recorded_and_raised_unchanged(ledger: Ledger)
 
 @pytest.mark.usefixtures("instrumented")
 async def test_with_tracing_disabled_calls_are_recorded_in_the_agent_run(ledger: Ledger) -> None:
-    server = Server(answer(response(message("Shipped."))))
+    server = Server(json_answer(responses_body(output_message("Shipped."))))
     async with ledger.run("ticket") as ticket:
         await Runner.run(
             support_agent(server),
@@ -537,7 +425,7 @@ async def test_the_users_own_trace_processors_keep_working(ledger: Ledger) -> No
     registered = list(agents.tracing.get_trace_provider()._multi_processor._processors)  # type: ignore[attr-defined]
     recorder = Recorder()
     agents.add_trace_processor(recorder)
-    server = Server(answer(response(message("Shipped."))))
+    server = Server(json_answer(responses_body(output_message("Shipped."))))
     try:
         async with ledger.run("ticket"):
             await Runner.run(support_agent(server), "Hi", run_config=RunConfig(workflow_name="w"))
@@ -555,8 +443,8 @@ async def test_with_the_openai_integration_too_each_request_is_recorded_once(
     tl_openai.instrument()
     try:
         server = Server(
-            answer(response(function_call("lookup_order", {"order_id": "42"}))),
-            answer(response(message("Shipped."), usage=PLAIN_USAGE)),
+            json_answer(responses_body(function_call("lookup_order", {"order_id": "42"}))),
+            json_answer(responses_body(output_message("Shipped."), usage=PLAIN_USAGE)),
         )
         async with ledger.run("ticket"):
             await Runner.run(support_agent(server), "Where is order 42?")
@@ -580,7 +468,7 @@ def test_nothing_is_recorded_after_uninstrument(ledger: Ledger) -> None:
     tl_agents.uninstrument()
     assert run is AgentRunner.__dict__["run"]
     assert get_response is OpenAIResponsesModel.__dict__["get_response"]
-    server = Server(answer(response(message("Shipped."))))
+    server = Server(json_answer(responses_body(output_message("Shipped."))))
     Runner.run_sync(support_agent(server), "Hi")
     assert ([], []) == (calls(ledger), rows(ledger, "runs"))
 
@@ -600,7 +488,7 @@ async def test_with_the_openai_integration_a_streamed_request_is_recorded_once(
 ) -> None:
     tl_openai.instrument()
     try:
-        server = Server(sse_answer(response_events("Shipped.")))
+        server = Server(sse_answer(responses_events("Shipped.")))
         async with ledger.run("ticket") as ticket:
             streamed = Runner.run_streamed(support_agent(server), "Where is order 42?")
             async for _event in streamed.stream_events():

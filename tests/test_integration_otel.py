@@ -2,10 +2,10 @@
 
 OpenLLMetry (``opentelemetry-instrumentation-openai``) and OpenInference
 (``openinference-instrumentation-openai``) instrument the real OpenAI SDK, whose network
-is an ``httpx.MockTransport`` answering with OpenAI's wire formats (the shapes of
-tests/test_integration_openai.py). Spans go through the session's real SDK tracer
-provider — the global one, which tokenledger's own spans use too — where a forwarding
-processor hands them to the test's `GenAISpanProcessor`.
+is an ``httpx.MockTransport`` answering with OpenAI's wire formats (tests/wire.py builds
+them). Spans go through the session's real SDK tracer provider — the global one, which
+tokenledger's own spans use too — where a forwarding processor hands them to the test's
+`GenAISpanProcessor`.
 
 Logfire is not installed here: its spans are built with the real OpenTelemetry tracer,
 under its instrumentation scope names and with the attribute names its source sets
@@ -32,109 +32,40 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import wire
 from helpers import calls_of
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.trace import Status, StatusCode
+from wire import (
+    CACHED_COST,
+    MESSAGES,
+    SERVED,
+    async_client,
+    chat_chunks,
+    chat_completion,
+    json_answer,
+    sse_answer,
+    sync_client,
+    tokens,
+)
 
 from tokenledger import Ledger
 from tokenledger.integrations import openai as tl_openai
 from tokenledger.integrations.otel import GenAISpanProcessor, instrument
 from tokenledger.pricing import UnpricedModelWarning
 
-MESSAGES = [{"role": "user", "content": "Summarise the ticket in one line."}]
-SERVED = "gpt-4o-mini-2024-07-18"
-
-# 1200 prompt tokens of which 1000 cached, 300 completion tokens of which 100 reasoning:
-# 200 x $0.15/M + 1000 x $0.075/M + 300 x $0.60/M = $0.00003 + $0.000075 + $0.00018
-CACHED_COST = Decimal("0.000285")
-CHAT_USAGE = {
-    "prompt_tokens": 1200,
-    "completion_tokens": 300,
-    "total_tokens": 1500,
-    "prompt_tokens_details": {"cached_tokens": 1000, "audio_tokens": 0},
-    "completion_tokens_details": {
-        "reasoning_tokens": 100,
-        "audio_tokens": 0,
-        "accepted_prediction_tokens": 0,
-        "rejected_prediction_tokens": 0,
-    },
-}
-
-
 # -- OpenAI, offline --------------------------------------------------------------------
 
 
-def chat_completion() -> dict[str, Any]:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": SERVED,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "Printer jam.", "refusal": None},
-                "logprobs": None,
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": CHAT_USAGE,
-        "service_tier": "default",
-        "system_fingerprint": "fp_1",
-    }
-
-
-def chat_chunks() -> bytes:
-    """A streamed chat completion with ``include_usage``: SSE chunks, usage last."""
-
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {
-            "id": "chatcmpl-1",
-            "object": "chat.completion.chunk",
-            "created": 1_700_000_000,
-            "model": SERVED,
-            "system_fingerprint": "fp_1",
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            "usage": None,
-        }
-
-    events: list[Any] = [
-        chunk({"role": "assistant", "content": "", "refusal": None}),
-        chunk({"content": "Printer"}),
-        chunk({"content": " jam."}),
-        chunk({}, "stop"),
-        {**chunk({}), "choices": [], "usage": CHAT_USAGE},
-        "[DONE]",
-    ]
-    return "".join(
-        f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events
-    ).encode()
-
-
+# Handlers that answer every request alike (a `Server` answers a set number).
 def answer(_: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, json=chat_completion())
+    return json_answer(chat_completion())
 
 
 def stream_answer(_: httpx.Request) -> httpx.Response:
-    return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=chat_chunks())
-
-
-def sync_client(handler: Callable[[httpx.Request], httpx.Response] = answer) -> openai.OpenAI:
-    return openai.OpenAI(
-        api_key="sk-test",
-        max_retries=0,
-        http_client=httpx.Client(transport=httpx.MockTransport(handler)),
-    )
-
-
-def async_client() -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        api_key="sk-test",
-        max_retries=0,
-        http_client=httpx.AsyncClient(transport=httpx.MockTransport(answer)),
-    )
+    return sse_answer(chat_chunks(include_usage=True))
 
 
 def chat(client: openai.OpenAI) -> Any:
@@ -262,21 +193,9 @@ def patch() -> Iterator[Callable[..., None]]:
 
 
 def only_call(ledger: Ledger, processor: GenAISpanProcessor) -> dict[str, Any]:
+    """The one call recorded, once ``processor`` has handed on the spans it holds."""
     processor.force_flush()
-    ledger.flush()
-    calls = calls_of(ledger)
-    assert 1 == len(calls), calls
-    return calls[0]
-
-
-def tokens(call: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    return (
-        call["input_tokens"],
-        call["cache_read_tokens"],
-        call["cache_write_tokens"],
-        call["output_tokens"],
-        call["reasoning_tokens"],
-    )
+    return wire.only_call(ledger)
 
 
 # -- OpenLLMetry and OpenInference record calls -----------------------------------------
@@ -287,7 +206,7 @@ def test_an_openllmetry_chat_call_is_recorded_priced_and_attributed_to_its_run(
 ) -> None:
     patch(openllmetry)
     with ledger.run("triage") as run:
-        chat(sync_client())
+        chat(sync_client(answer))
         processor.force_flush()
         assert 1 == run.calls
     call = only_call(ledger, processor)
@@ -307,7 +226,7 @@ def test_an_openinference_chat_call_is_recorded_priced_and_attributed_to_its_run
 ) -> None:
     patch(openinference)
     with ledger.run("triage") as run:
-        chat(sync_client())
+        chat(sync_client(answer))
     call = only_call(ledger, processor)
     assert (1200, 1000, 0, 300, 100) == tokens(call)
     assert CACHED_COST == call["cost_usd"]
@@ -334,7 +253,7 @@ async def test_async_calls_are_attributed_to_the_run_of_their_task(
 ) -> None:
     """Two tasks in two runs at once: each call lands in the run its task is in."""
     patch(openllmetry)
-    client = async_client()
+    client = async_client(answer)
 
     async def agent(name: str) -> str:
         async with ledger.run(name) as run:
@@ -351,7 +270,7 @@ def test_a_call_outside_any_run_is_recorded_with_no_run(
     ledger: Ledger, processor: GenAISpanProcessor, patch: Callable[..., None]
 ) -> None:
     patch(openinference)
-    chat(sync_client())
+    chat(sync_client(answer))
     assert None is only_call(ledger, processor)["run_id"]
 
 
@@ -387,7 +306,7 @@ def test_openinference_inside_tokenledger_capture_is_not_counted_again(
     """OpenInference patches ``OpenAI.request``, always inside tokenledger's wrapper."""
     patch(openinference, tokenledger_openai)
     with ledger.run("triage") as run:
-        chat(sync_client())
+        chat(sync_client(answer))
     row = only_call(ledger, processor)
     assert (CACHED_COST, run.id) == (row["cost_usd"], row["run_id"])
 
@@ -412,7 +331,7 @@ def test_two_instrumentations_of_one_call_record_it_once(
     """OpenLLMetry's span around the SDK method, OpenInference's around its request."""
     patch(openinference, openllmetry)
     with ledger.run("triage"):
-        chat(sync_client())
+        chat(sync_client(answer))
     assert CACHED_COST == only_call(ledger, processor)["cost_usd"]
 
 
@@ -438,7 +357,7 @@ def test_a_litellm_call_through_an_instrumented_openai_sdk_is_recorded_once(
 
     patch(openllmetry)
     with ledger.run("triage") as run:
-        litellm.completion(model="gpt-4o-mini", messages=MESSAGES, client=sync_client())
+        litellm.completion(model="gpt-4o-mini", messages=MESSAGES, client=sync_client(answer))
     row = only_call(ledger, processor)
     assert (CACHED_COST, run.id) == (row["cost_usd"], row["run_id"])
 
@@ -621,7 +540,7 @@ def test_a_recorded_call_counts_toward_budget_spend(
     ledger.set_budget("global", usd="1.00", per="day")
     patch(openllmetry)
     with ledger.run("triage"):
-        chat(sync_client())
+        chat(sync_client(answer))
     processor.force_flush()
     ledger.flush()
     assert [CACHED_COST] == [b.spent_usd for b in ledger.budgets()]
@@ -637,7 +556,7 @@ def test_a_held_call_is_recorded_when_its_grace_runs_out(
     try:
         patch(openllmetry)
         with ledger.run("triage") as run:
-            chat(sync_client())
+            chat(sync_client(answer))
             deadline = time.monotonic() + 5
             while run.calls == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
