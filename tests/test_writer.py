@@ -222,6 +222,121 @@ def test_every_field_of_a_call_round_trips(
     assert call.as_row() == stored
 
 
+def _varied_calls() -> list[CallRecord]:
+    """Calls whose values exercise every conversion a column type makes."""
+    utc = dt.timezone.utc
+    india = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    pacific = dt.timezone(dt.timedelta(hours=-8))
+    text = "tab\tnewline\nback\\slash 'single' \"double\" \\N ünïcödé ✓ 𝄞"
+    return [
+        a_call("r1", streamed=True, usage_estimated=True, max_tokens=512, tool_name="t" * 200),
+        CallRecord(  # every optional column NULL
+            id=new_id(),
+            run_id=None,
+            root_run_id=None,
+            operation="chat",
+            provider=None,
+            requested_model=None,
+            model=None,
+            started_at=dt.datetime(2025, 6, 1, 12, 0, tzinfo=utc),  # no microseconds
+        ),
+        a_call(
+            "r2",
+            started_at=dt.datetime(2025, 6, 1, 17, 30, 0, 123456, tzinfo=india),
+            ended_at=dt.datetime(2025, 5, 31, 23, 59, 59, 999999, tzinfo=pacific),
+            cost_usd=Decimal("3E-7"),
+            latency_ms=812,  # an int where a float goes
+            finish_reasons=[text, "", "length"],
+        ),
+        a_call(
+            "r3",
+            started_at=dt.datetime(5, 1, 2, 3, 4, 5, 6, tzinfo=utc),  # a year below 1000
+            cost_usd=Decimal("123456789012.123456789012"),
+            input_tokens=2**40,
+            finish_reasons=[],
+            model=text,
+            error_type="",
+            status="error",
+        ),
+        a_call("r4", cost_usd=Decimal("-0.5"), latency_ms=float("inf"), streamed=1),
+        a_call("r5", cost_usd=2, finish_reasons=["stop", {"nested": [1, 2.5, None, True]}]),
+        a_call("r6", cost_usd="0.10", usage_estimated=0),
+        a_call("r7", cost_usd=Decimal("0"), trace_id="a" * 32, span_id="b" * 16),
+    ]
+
+
+def _stored_calls(engine: sa.Engine) -> list[Any]:
+    """Every stored call exactly as the database holds it, read at the driver level so
+    no result processing can hide a difference: PostgreSQL's text of each row, and
+    SQLite's values with their storage class."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            query = "SELECT c::text FROM calls AS c ORDER BY id"
+            return list(connection.exec_driver_sql(query).scalars())
+        stored = connection.exec_driver_sql("SELECT * FROM calls ORDER BY id").all()
+    return [[(type(value).__name__, value) for value in row] for row in stored]
+
+
+@pytest.mark.parametrize("route", ["batch", "batch-holding-a-stored-id", "spool"])
+def test_every_column_is_stored_exactly_as_sqlalchemys_insert_stores_it(
+    ledger_engine: sa.Engine, make_writer: Callable[..., BatchWriter], route: str
+) -> None:
+    """The writer binds calls at the driver level (and COPYs them on PostgreSQL); the
+    stored values must be those of SQLAlchemy's insert with the column types, by every
+    route: a fresh batch (COPY on PostgreSQL), a batch that falls back to INSERT ...
+    ON CONFLICT because it holds a call already stored, and rows replayed from the spool.
+    """
+    calls = _varied_calls()
+    known = a_call()
+    insert = storage.insert_for(ledger_engine.dialect.name)(storage.calls)
+    with ledger_engine.begin() as connection:
+        connection.execute(insert, [call.as_row() for call in calls])
+    expected = _stored_calls(ledger_engine)
+    with ledger_engine.begin() as connection:
+        connection.execute(storage.calls.delete())
+    writer = make_writer(
+        ledger_engine, max_delay=60, durability="durable" if route == "spool" else "batched"
+    )
+    if route == "batch-holding-a-stored-id":
+        writer.put_call(known)
+        assert writer.flush()
+
+    for call in [known, *calls] if route == "batch-holding-a-stored-id" else calls:
+        writer.put_call(call)
+    assert writer.flush()
+
+    with ledger_engine.begin() as connection:
+        connection.execute(storage.calls.delete().where(storage.calls.c.id == known.id))
+    assert expected == _stored_calls(ledger_engine)
+    assert [] == writer.rejected
+
+
+@pytest.mark.parametrize("durability", ["batched", "durable"])
+def test_a_batch_holding_a_stored_call_writes_the_others_and_keeps_the_stored_row(
+    ledger_engine: sa.Engine, make_writer: Callable[..., BatchWriter], durability: str
+) -> None:
+    """A replayed or re-put call never duplicates or overwrites a row: on PostgreSQL the
+    COPY of the batch is refused, and the writer inserts with ON CONFLICT DO NOTHING."""
+    writer = make_writer(ledger_engine, max_delay=60, durability=durability)
+    stored = a_call(model="the-first-state")
+    writer.put_call(stored)
+    assert writer.flush()
+    others = [a_call() for _ in range(20)]
+
+    writer.put_call(a_call(id=stored.id, model="a-later-state"))
+    for call in others:
+        writer.put_call(call)
+    assert writer.flush()
+
+    assert sorted([stored.id] + [call.id for call in others]) == sorted(call_ids(ledger_engine))
+    with ledger_engine.connect() as connection:
+        model = connection.execute(
+            sa.select(storage.calls.c.model).where(storage.calls.c.id == stored.id)
+        ).scalar_one()
+    assert "the-first-state" == model
+    assert [] == writer.rejected
+
+
 # -- when rows are written ------------------------------------------------------------
 
 
@@ -416,6 +531,40 @@ def test_a_row_the_database_refuses_does_not_stop_the_others(
     assert sorted(call.id for call in bad) == sorted(r.row["id"] for r in writer.rejected)
     assert 2 == writer.stats.rejected
     assert 2 == len([r for r in caplog.records if r.name == "tokenledger.writer"])
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"started_at": dt.datetime(2025, 1, 1)}, "calls.started_at: ValueError: Datetime"),  # noqa: DTZ001
+        ({"ended_at": "2025-01-01T00:00:00+00:00"}, "calls.ended_at: TypeError: Expected a"),
+        ({"cost_usd": 0.1}, "calls.cost_usd: TypeError: A money amount must be a Decimal"),
+        ({"cost_usd": Decimal("NaN")}, "calls.cost_usd: ValueError: A money amount must be"),
+        ({"finish_reasons": [object()]}, "calls.finish_reasons: TypeError: Object of type"),
+        ({"streamed": "yes"}, "calls.streamed: TypeError: Not a boolean value"),
+        ({"model": {"not": "text"}}, ""),  # refused by the driver, not by a column type
+    ],
+    ids=["naive-time", "text-time", "float-amount", "nan-amount", "json", "bool", "dict-as-text"],
+)
+def test_a_value_the_column_type_refuses_rejects_its_row_alone(
+    ledger_engine: sa.Engine,
+    make_writer: Callable[..., BatchWriter],
+    values: dict[str, Any],
+    error: str,
+) -> None:
+    writer = make_writer(ledger_engine, max_delay=60)
+    good = [a_call() for _ in range(9)]
+    bad = a_call(**values)
+
+    for call in [*good[:4], bad, *good[4:]]:
+        writer.put_call(call)
+    assert writer.flush()
+
+    assert sorted(call.id for call in good) == sorted(call_ids(ledger_engine))
+    (rejected,) = writer.rejected
+    assert (bad.id, "calls") == (rejected.row["id"], rejected.table)
+    assert bad.as_row() == rejected.row
+    assert rejected.error.startswith(error)
 
 
 # -- options ---------------------------------------------------------------------------
