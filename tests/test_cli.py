@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -13,10 +15,25 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from rich.markup import escape as rich_escape
+from rich.text import Text
 
 from tokenledger import Ledger, schema, storage
-from tokenledger.cli import cli
+from tokenledger.cli import (
+    _REPORT_CAPTION,
+    _RICH_TERMINAL_ENV,
+    _Column,
+    _escape,
+    _fit_table,
+    _plain,
+    cli,
+    report_table,
+)
 from tokenledger.pricing import PriceBook
+from tokenledger.queries import report
 
 UNREACHABLE = "postgresql+psycopg://postgres@127.0.0.1:1/x"
 HEAD = schema.head_revision()
@@ -414,3 +431,166 @@ def test_runs_does_not_import_litellm(recorded: Recorded) -> None:
     assert 0 == result["exit"]
     assert recorded.first.id in result["stdout"]
     assert not {"litellm", "openai", "anthropic"} & set(result["imported"])
+
+
+def modules_imported_by(code: str, *args: str, cwd: Path) -> tuple[set[str], str]:
+    """The modules a fresh interpreter holds after running ``code`` with ``args``, and
+    what it printed. Run in ``cwd``, away from the checkout, whose layout differs from
+    the installed package's."""
+    reporter = (
+        "import atexit, json, sys\n"
+        "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
+    )
+    # Not a terminal to rich either: these make rich colour a pipe.
+    env = {k: v for k, v in os.environ.items() if k not in _RICH_TERMINAL_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", reporter + code, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stderr
+    return set(json.loads(done.stderr.strip().splitlines()[-1])), done.stdout
+
+
+# What a reading command never needs: migrating, capturing calls, tracing, writing.
+NOT_FOR_READING = (
+    "alembic",
+    "anthropic",
+    "litellm",
+    "mako",
+    "openai",
+    "opentelemetry",
+    "tokenledger.capture",
+    "tokenledger.ledger",
+    "tokenledger.runs",
+    "tokenledger.spans",
+    "tokenledger.writer",
+)
+
+
+def test_report_imports_nothing_it_does_not_need(recorded: Recorded, tmp_path: Path) -> None:
+    """`tokenledger report` starts fast: no Alembic, litellm, OpenTelemetry or writer."""
+    imported, stdout = modules_imported_by(
+        "from tokenledger.cli import main\nmain(sys.argv[1:])",
+        "report",
+        "--db",
+        recorded.url,
+        cwd=tmp_path,
+    )
+
+    assert "triage" in stdout
+    assert "rich" not in imported  # a pipe gets rich's characters without rich
+    assert [] == sorted(
+        module
+        for module in imported
+        if any(module == name or module.startswith(f"{name}.") for name in NOT_FOR_READING)
+    )
+
+
+def test_importing_tokenledger_defers_the_ledger_until_a_name_is_used(tmp_path: Path) -> None:
+    """Every public name still resolves, imported on first use (the CLI uses none)."""
+    code = (
+        "import tokenledger\n"
+        "watched = ('tokenledger.', 'opentelemetry', 'sqlalchemy')\n"
+        "before = sorted(m for m in sys.modules if m.startswith(watched))\n"
+        "from tokenledger import Ledger, current_run\n"
+        "assert Ledger is tokenledger.Ledger and callable(current_run)\n"
+        "missing = [name for name in tokenledger.__all__ if not hasattr(tokenledger, name)]\n"
+        "print(json.dumps([before, missing, set(tokenledger.__all__) <= set(dir(tokenledger))]))\n"
+    )
+
+    imported, stdout = modules_imported_by(code, cwd=tmp_path)
+
+    before, missing, listed = json.loads(stdout)
+    assert ["tokenledger._version", "tokenledger.exceptions"] == before
+    assert ([], True) == (missing, listed)
+    assert {"tokenledger.ledger", "tokenledger.runs"} <= imported
+
+
+# -- piped tables: the same characters as rich, without rich -------------------------------
+
+# Names as users write them, markup and emoji codes included; some need rich to print.
+names = st.text(st.sampled_from(list("abz AZ09_-.:$%[]/\\=@#→↳…é漢\t")), max_size=24)
+# Cells as the commands build them: escaped names and figures in our own markup.
+cells = st.one_of(
+    names.map(_escape),
+    st.sampled_from(["0", "12,345", "$0.0012", "[dim]0[/]", "[red]3[/]", "[bold]Total[/]"]),
+    st.sampled_from(["[yellow]unpriced[/]", "[dim](outside runs)[/]", "5 [red](1 failed)[/]"]),
+    st.just(""),
+)
+
+
+@st.composite
+def tables(draw: st.DrawFn) -> tuple[list[_Column], dict[str, Any]]:
+    rows = draw(st.integers(1, 4))
+    columns = [
+        _Column(
+            draw(names.filter(str.strip).map(_escape)),
+            draw(st.lists(cells, min_size=rows, max_size=rows)),
+            draw(cells),
+            drop=draw(st.integers(0, 3)),
+            name=draw(st.booleans()),
+            left=draw(st.booleans()),
+            style=draw(st.sampled_from([None, "bold", "dim"])),
+        )
+        for _ in range(draw(st.integers(1, 6)))
+    ]
+    options = {
+        "width": draw(st.integers(10, 200)),
+        "title": draw(st.none() | names.map(_escape)),
+        "caption": draw(st.none() | st.sampled_from([_REPORT_CAPTION, "Short.\nTwo lines."])),
+        "with_total": draw(st.booleans()),
+    }
+    return columns, options
+
+
+def rich_prints(renderable: Any, width: int) -> str:
+    """What `tokenledger._console` prints to a pipe, through rich."""
+    out = io.StringIO()
+    Console(file=out, width=width, highlight=False).print(renderable)
+    return out.getvalue()
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=tables())
+def test_a_piped_table_is_printed_as_rich_prints_it(
+    table: tuple[list[_Column], dict[str, Any]],
+) -> None:
+    columns, options = table
+    laid_out = _fit_table(columns, **options)
+
+    plain = laid_out.plain_text(options["width"])
+
+    if plain is not None:
+        assert rich_prints(laid_out, options["width"]) == plain
+
+
+@settings(max_examples=300, deadline=None)
+@given(markup=st.one_of(cells, st.text(st.sampled_from(list("ab :1[]/\\dim"))), names))
+def test_plain_markup_is_the_text_rich_renders(markup: str) -> None:
+    plain = _plain(markup)
+
+    if plain is not None:
+        assert Text.from_markup(markup).plain == plain
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.sampled_from(list("ab[]/\\@#=: "))))
+def test_escape_is_rich_markup_escape(text: str) -> None:
+    assert rich_escape(text) == _escape(text)
+
+
+def test_a_piped_report_is_plain_text_without_rich(recorded: Recorded) -> None:
+    """The plain path is taken for an ordinary report (not only by the fuzzing above)."""
+    rows = report(storage.create_engine_for(recorded.url), by=("agent", "model"))
+    table = report_table(rows, ("agent", "model"), title="Cost by agent, model", width=200)
+
+    plain = table.plain_text(200)
+
+    assert plain is not None
+    assert rich_prints(table, 200) == plain
+    assert plain == recorded.run("report", "--by", "agent,model").stdout

@@ -7,9 +7,11 @@ Each test gets a fresh, empty database on SQLite and on PostgreSQL (see conftest
 from __future__ import annotations
 
 import datetime as dt
+import json
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -452,6 +454,51 @@ def test_ensure_schema_refuses_ledger_tables_with_no_revision(engine: sa.Engine)
     assert {"runs"} == table_names(engine)  # nothing created, nothing dropped
 
 
+def test_a_version_table_with_two_revisions_is_refused_not_guessed(engine: sa.Engine) -> None:
+    schema.upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text(f"INSERT INTO {schema.VERSION_TABLE} VALUES ('0002')"))
+
+    with pytest.raises(SchemaVersionError) as raised:
+        schema.current_revision(engine)
+
+    assert (
+        f"The ledger at {storage.redact_url(engine.url)} has 2 revisions "
+        f"(0002, {schema.head_revision()}) in its {schema.VERSION_TABLE} table; tokenledger "
+        "keeps exactly one. Delete the rows of the revisions the ledger is not at."
+    ) == str(raised.value)
+
+
+def test_checking_a_ledger_on_open_does_not_import_alembic(db_url: str, tmp_path: Path) -> None:
+    """Every command and Ledger checks the revision on open; Alembic is for migrating."""
+    engine = storage.create_engine_for(db_url)
+    schema.upgrade(engine)
+    engine.dispose()
+    code = (
+        "import json, sys\n"
+        "from tokenledger import schema, storage\n"
+        "engine = storage.create_engine_for(sys.argv[1])\n"
+        "schema.ensure_schema(engine)\n"
+        "revision = schema.current_revision(engine)\n"
+        "engine.dispose()\n"
+        "print(json.dumps([revision, sorted({m.split('.')[0] for m in sys.modules})]))\n"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-c", code, db_url],
+        cwd=tmp_path,  # the installed package, not the source tree's layout
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    revision, imported = json.loads(done.stdout)
+
+    assert schema.head_revision() == revision
+    assert "alembic" not in imported
+    assert "mako" not in imported
+
+
 def unreachable_url(db_url: str, tmp_path: Path) -> str:
     if db_url.startswith("sqlite"):
         blocker = tmp_path / "a-file"
@@ -713,6 +760,20 @@ def test_a_missing_psycopg_says_which_extra_to_install(monkeypatch: pytest.Monke
 def test_redact_url_hides_the_password_even_in_an_unparseable_url() -> None:
     assert "postgresql://u:***@db:nope/x" == storage.redact_url("postgresql://u:hunter2@db:nope/x")
     assert "sqlite:////tmp/x.db" == storage.redact_url("sqlite:////tmp/x.db")
+
+
+def test_known_revisions_are_every_migration_newest_first() -> None:
+    """The constant that opening a ledger checks against, without Alembic, is up to date:
+    a new migration must add its revision to `schema.KNOWN_REVISIONS`."""
+    from alembic.script import ScriptDirectory
+
+    with schema._alembic_config() as config:
+        scripts = ScriptDirectory.from_config(config)
+        migrations = [script.revision for script in scripts.walk_revisions()]
+        head = scripts.get_current_head()
+
+    assert migrations == list(schema.KNOWN_REVISIONS)
+    assert head == schema.head_revision()
 
 
 def test_the_migrations_ship_inside_the_package() -> None:

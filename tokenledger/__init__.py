@@ -16,7 +16,7 @@ from __future__ import annotations
 import os as _os
 import sys as _sys
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from tokenledger._version import __version__
 
@@ -26,7 +26,6 @@ if "litellm" not in _sys.modules:
     # so ask litellm to use that one too, unless the user has said otherwise.
     _os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from tokenledger.budgets import Budget, BudgetStatus, BudgetWarning
 from tokenledger.exceptions import (
     BudgetExceeded,
     ConfigurationError,
@@ -36,9 +35,12 @@ from tokenledger.exceptions import (
     TokenledgerError,
     UsageError,
 )
-from tokenledger.ledger import Ledger, configure, default_ledger
-from tokenledger.records import CallRecord, RunRecord, TokenUsage
-from tokenledger.runs import Run, RunContext, bind_context, current_run
+
+if TYPE_CHECKING:
+    from tokenledger.budgets import Budget, BudgetStatus, BudgetWarning
+    from tokenledger.ledger import Ledger, configure, default_ledger
+    from tokenledger.records import CallRecord, RunRecord, TokenUsage
+    from tokenledger.runs import Run, RunContext, bind_context, current_run
 
 __all__ = [
     "Budget",
@@ -67,12 +69,49 @@ __all__ = [
     "run",
 ]
 
+# Where each name not defined above lives. They are imported on first use (PEP 562):
+# the ledger brings OpenTelemetry and the capture machinery with it, which the
+# `tokenledger` command, importing `tokenledger.cli` and so this package, never needs.
+_LAZY = {
+    "Budget": "tokenledger.budgets",
+    "BudgetStatus": "tokenledger.budgets",
+    "BudgetWarning": "tokenledger.budgets",
+    "CallRecord": "tokenledger.records",
+    "Ledger": "tokenledger.ledger",
+    "Run": "tokenledger.runs",
+    "RunContext": "tokenledger.runs",
+    "RunRecord": "tokenledger.records",
+    "TokenUsage": "tokenledger.records",
+    "bind_context": "tokenledger.runs",
+    "configure": "tokenledger.ledger",
+    "current_run": "tokenledger.runs",
+    "default_ledger": "tokenledger.ledger",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
 def run(name: str, *, tags: Mapping[str, object] | None = None, budget: Any = None) -> RunContext:
     """Start a run on the default ledger: ``with tokenledger.run("triage") as run:``."""
+    from tokenledger.ledger import default_ledger
+
     return default_ledger().run(name, tags=tags, budget=budget)
 
 
@@ -104,7 +143,7 @@ def agent(
     The default ledger is looked up when the function is called, not when it is
     decorated, so ``tokenledger.configure(...)`` may come after the decorator.
     """
-    from tokenledger.ledger import _check_name, _check_run_budget
+    from tokenledger.ledger import _check_name, _check_run_budget, default_ledger
     from tokenledger.runs import make_agent_decorator, validate_tags
 
     if callable(name):
@@ -118,4 +157,6 @@ def agent(
 
 def flush(timeout: float | None = 10.0) -> bool:
     """Write every row the default ledger holds; True when all landed in time."""
+    from tokenledger.ledger import default_ledger
+
     return default_ledger().flush(timeout)

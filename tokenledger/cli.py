@@ -3,7 +3,8 @@ offline demo.
 
 Start-up time matters for a command people run in loops and scripts, so this module
 imports only click at the top: SQLAlchemy, rich and the query layer are imported inside
-the commands that use them, and litellm only by ``tokenledger demo``.
+the commands that use them, and litellm only by ``tokenledger demo``. A table printed to
+a pipe is written without rich, character for character as rich would (see `_Table`).
 
 Reading commands (``runs``, ``calls``, ``report``, ``status``, ``budgets``, ``db current``)
 and ``budgets rm`` never create or migrate a database: a missing SQLite file is an error,
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from decimal import Decimal
@@ -137,7 +140,10 @@ def _open_for_reading(db_url: str | None) -> sa.Engine | None:
         _missing_file(path)
     engine = _engine(url)
     try:
-        if schema.current_revision(engine) is None and not _has_ledger_tables(engine):
+        revision = schema.current_revision(engine)
+        if revision == schema.head_revision():
+            return engine  # what ensure_schema would find, without looking twice
+        if revision is None and not _has_ledger_tables(engine):
             engine.dispose()
             return None
         # ensure_schema creates tables only in a database without any; here it checks
@@ -178,13 +184,39 @@ def _read(db_url: str | None, query: Callable[[sa.Engine], list[R]]) -> tuple[li
         engine.dispose()
 
 
+# Piped output is read by tools and people with wide terminals: do not cut it at
+# rich's default of 80 columns.
+_PIPE_WIDTH = 200
+# What makes rich colour or measure a pipe as it would a terminal.
+_RICH_TERMINAL_ENV = ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")
+
+
 def _console() -> Console:
     from rich.console import Console
 
-    # Piped output is read by tools and people with wide terminals: do not cut it at
-    # rich's default of 80 columns.
-    width = None if sys.stdout.isatty() else 200
+    width = None if sys.stdout.isatty() else _PIPE_WIDTH
     return Console(file=sys.stdout, width=width, highlight=False)
+
+
+def _show_table(build: Callable[[int], _Table]) -> None:
+    """Print the table ``build(width)`` lays out for stdout's width.
+
+    On a pipe, rich prints plain characters, so they are written here without importing
+    rich (see `_Table.plain_text`); a terminal gets rich's colours.
+    """
+    piped = not sys.stdout.isatty() and sys.platform != "win32"
+    encoding = (getattr(sys.stdout, "encoding", None) or "utf-8").lower()
+    if piped and encoding.startswith("utf") and not set(_RICH_TERMINAL_ENV) & set(os.environ):
+        table = build(_PIPE_WIDTH)
+        text = table.plain_text(_PIPE_WIDTH)
+        if text is not None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            return
+        _console().print(table)
+        return
+    console = _console()
+    console.print(build(console.width))
 
 
 def _say(message: str, *, err: bool = False) -> None:
@@ -271,10 +303,20 @@ def _tokens(value: int) -> str:
     return f"{value / 1000:,.0f}k"
 
 
-def _escape(text: str) -> str:
-    from rich.markup import escape
+_ESCAPE = re.compile(r"(\\*)(\[[a-z#/@][^[]*?])")
 
-    return escape(text)
+
+def _escape(text: str) -> str:
+    """``text`` as literal rich markup: rich.markup.escape, without importing rich."""
+
+    def escape_backslashes(match: re.Match[str]) -> str:
+        backslashes, tag = match.groups()
+        return f"{backslashes}{backslashes}\\{tag}"
+
+    text = _ESCAPE.sub(escape_backslashes, text)
+    if text.endswith("\\") and not text.endswith("\\\\"):
+        return text + "\\"
+    return text
 
 
 def _when(value: dt.datetime | None, *, now: dt.datetime | None = None) -> str:
@@ -318,18 +360,30 @@ def _fit_table(
     title: str | None = None,
     caption: str | None = None,
     with_total: bool = False,
-) -> Table:
+) -> _Table:
     """A table that fits ``width``: optional columns go first, then long names are cut.
 
     Rich alone would squeeze every column, numbers included, into ellipses.
     """
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
+    simple = all(
+        _plain(cell) is not None for c in columns for cell in (c.header, *c.cells, c.total)
+    )
+
+    sizes: dict[str, int] = {}  # the loops below measure each cell many times
+
+    def cell_len(cell: str) -> int:
+        if cell not in sizes:
+            if simple:
+                sizes[cell] = len(_plain(cell) or "")
+            else:
+                from rich.text import Text
+
+                sizes[cell] = Text.from_markup(cell).cell_len
+        return sizes[cell]
 
     def needed(column: _Column) -> int:
         cells = [column.header, *column.cells, column.total if with_total else ""]
-        return max(Text.from_markup(cell).cell_len for cell in cells)
+        return max(cell_len(cell) for cell in cells)
 
     def overflow() -> int:
         return sum(needed(c) for c in shown) + 2 * (len(shown) - 1) - width
@@ -348,35 +402,199 @@ def _fit_table(
     notes = [caption] if caption else []
     if hidden:
         notes.append(f"Not shown, to fit the terminal: {', '.join(hidden)} (or use --json).")
-    table = Table(
+    return _Table(
+        columns=shown,
+        max_widths=[limits.get(id(column)) for column in shown],
         title=title,
         caption="\n".join(notes) or None,
-        # No vertical rules and a 2-space gap: reports must fit an 80-column terminal.
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        padding=(0, 1, 0, 0),
-        title_justify="left",
-        title_style="bold",
-        caption_justify="left",
-        caption_style="dim",
-        header_style="bold cyan",
+        with_total=with_total,
+        simple=simple,
     )
-    for column in shown:
-        table.add_column(
-            column.header,
-            justify="left" if column.name or column.left else "right",
-            no_wrap=True,
-            overflow="ellipsis",
-            max_width=limits.get(id(column)),
-            style=column.style,
+
+
+@dataclasses.dataclass
+class _Table:
+    """A table laid out by `_fit_table`, printed by rich (``__rich__``) or, on a pipe, as
+    the same characters without loading rich (`plain_text`)."""
+
+    columns: list[_Column]
+    max_widths: list[int | None]
+    title: str | None
+    caption: str | None
+    with_total: bool
+    # Every cell is plain by `_plain`, so `plain_text` can print what rich would.
+    simple: bool
+
+    def __rich__(self) -> Table:
+        from rich import box
+        from rich.table import Table
+
+        table = Table(
+            title=self.title,
+            caption=self.caption,
+            # No vertical rules and a 2-space gap: reports must fit an 80-column terminal.
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            padding=(0, 1, 0, 0),
+            title_justify="left",
+            title_style="bold",
+            caption_justify="left",
+            caption_style="dim",
+            header_style="bold cyan",
         )
-    for row in zip(*(column.cells for column in shown), strict=True):
-        table.add_row(*row)
-    if with_total:
-        table.add_section()
-        table.add_row(*(column.total for column in shown))
-    return table
+        for column, max_width in zip(self.columns, self.max_widths, strict=True):
+            table.add_column(
+                column.header,
+                justify="left" if column.name or column.left else "right",
+                no_wrap=True,
+                overflow="ellipsis",
+                max_width=max_width,
+                style=column.style,
+            )
+        for row in zip(*(column.cells for column in self.columns), strict=True):
+            table.add_row(*row)
+        if self.with_total:
+            table.add_section()
+            table.add_row(*(column.total for column in self.columns))
+        return table
+
+    def plain_text(self, width: int) -> str | None:
+        """The lines rich prints for this table on a console without colours, ``width``
+        wide; None when only rich can tell (wide characters, a table wider than that).
+
+        Importing rich costs a piped ``tokenledger report`` a sixth of its start-up.
+        tests/test_cli.py checks this against rich, table by table.
+        """
+        if not self.simple or not self.columns:
+            return None
+        rows = [[column.header for column in self.columns]]
+        rows += [list(row) for row in zip(*(c.cells for c in self.columns), strict=True)]
+        if self.with_total:
+            rows.append([column.total for column in self.columns])
+        texts = [[_plain(cell) or "" for cell in row] for row in rows]
+        widths = [max(len(row[i]) for row in texts) for i in range(len(self.columns))]
+        widths = [
+            max(1, size if limit is None else min(size, limit))
+            for size, limit in zip(widths, self.max_widths, strict=True)
+        ]
+        total = sum(widths) + 2 * (len(widths) - 1)
+        if total > width:
+            return None  # rich would squeeze the columns its own way
+
+        def line(row: list[str]) -> str:
+            cells = []
+            for cell, cell_width, column in zip(row, widths, self.columns, strict=True):
+                right = not (column.name or column.left)
+                text = cell.rstrip() if right else cell  # as rich justifies right
+                if len(text) > cell_width:
+                    text = text[: cell_width - 1] + "…"
+                cells.append(text.rjust(cell_width) if right else text.ljust(cell_width))
+            return "  ".join(cells)
+
+        title = _wrap_plain(self.title, total) if self.title else []
+        caption = _wrap_plain(self.caption, total) if self.caption else []
+        if title is None or caption is None:
+            return None
+        body = [line(row) for row in texts[1:]]
+        if self.with_total:
+            body.insert(-1, " " * total)
+        lines = [*title, line(texts[0]), "─" * total, *body, *caption]
+        return "".join(f"{text}\n" for text in lines)
+
+
+# rich's console markup (rich.markup.RE_TAGS) and emoji codes (rich._emoji_replace).
+_MARKUP_TAG = re.compile(r"((\\*)\[([a-z#/@][^[]*?)])")
+_EMOJI_CODE = re.compile(r":(\S*?)(?:-(?:emoji|text))?:")
+# Emoji names rich knows that have no letter in them.
+_EMOJI_WITHOUT_LETTERS = frozenset({"100", "1234"})
+# The styles our tables use: others (links, handlers, unknown names) are left to rich.
+_PLAIN_STYLES = frozenset({"blue", "bold", "cyan", "dim", "green", "red", "yellow"})
+# Beyond printable ASCII, the characters our tables use: one cell wide, never replaced.
+_PLAIN_EXTRA = frozenset("→↳…")
+_WORD = re.compile(r"\s*\S+\s*")
+
+
+def _plain(markup: str, *, lines: bool = False) -> str | None:
+    """The characters rich prints for ``markup`` without colours, or None when telling
+    needs rich itself: an emoji code, a wide or control character (a line break only
+    with ``lines``), a markup error."""
+    pieces: list[str] = []
+    opened: list[str] = []
+    position = 0
+    for match in _MARKUP_TAG.finditer(markup):  # as rich.markup._parse reads it
+        whole, escapes, tag = match.groups()
+        start, end = match.span()
+        if start > position:
+            pieces.append(markup[position:start])
+        position = end
+        if escapes:
+            backslashes, escaped = divmod(len(escapes), 2)
+            if backslashes:
+                pieces.append("\\" * backslashes)
+            if escaped:
+                pieces.append(whole[len(escapes) :])
+                continue
+        if not tag.startswith("/"):
+            if not set(tag.split()) <= _PLAIN_STYLES:
+                return None  # a link, a handler, a style rich may not know
+            opened.append(tag)
+        elif tag[1:].strip():
+            if tag[1:].strip() not in opened:
+                return None
+            del opened[len(opened) - 1 - opened[::-1].index(tag[1:].strip())]
+        elif opened:
+            opened.pop()
+        else:
+            return None
+    if position < len(markup):
+        pieces.append(markup[position:])
+    pieces = [piece.replace("\\[", "[") for piece in pieces]
+    for piece in pieces:
+        for colon in range(len(piece)):
+            if piece[colon] != ":":
+                continue
+            code = _EMOJI_CODE.match(piece, colon)
+            if code is None:
+                continue
+            name = code.group(1).lower()
+            if not name.isdigit() or name in _EMOJI_WITHOUT_LETTERS:
+                return None
+    text = "".join(pieces)
+    if all(" " <= char <= "~" or char in _PLAIN_EXTRA for char in text.replace("\n", " ")):
+        return None if "\n" in text and not lines else text
+    return None
+
+
+def _wrap_plain(markup: str, width: int) -> list[str] | None:
+    """``markup`` wrapped to ``width`` and padded, as rich wraps a left-justified title
+    or caption; None when that needs rich (see `_plain`), or for a word longer than a
+    line, which rich folds."""
+    text = _plain(markup, lines=True)
+    if text is None:
+        return None
+    lines = []
+    for paragraph in text.split("\n"):
+        breaks = [0]
+        offset = 0
+        for word in _WORD.finditer(paragraph):
+            size = len(word.group().rstrip())
+            if size > width:
+                return None
+            if width - offset >= size:
+                offset += len(word.group())
+            elif offset and word.start():
+                breaks.append(word.start())
+                offset = len(word.group())
+        breaks.append(len(paragraph))
+        for begin, end in itertools.pairwise(breaks):
+            line = paragraph[begin:end]
+            excess = len(line) - width
+            if excess > 0:  # rich's rstrip_end: trailing whitespace past the width goes
+                trailing = len(line) - len(line.rstrip())
+                line = line[: len(line) - min(trailing, excess)]
+            lines.append(line[:width].ljust(width))
+    return lines
 
 
 _KEY_HEADERS = {
@@ -443,7 +661,7 @@ def report_table(
     width: int,
     title: str | None = None,
     columns: Sequence[str] | None = None,
-) -> Table:
+) -> _Table:
     """A table of report rows with a total line, used by ``report`` and ``demo``.
 
     ``columns`` picks from runs, calls, failed, in, cached, out, reasoning, cost, per_run
@@ -492,7 +710,7 @@ def report_table(
     )
 
 
-def _runs_table(rows: Sequence[RunRow], *, width: int) -> Table:
+def _runs_table(rows: Sequence[RunRow], *, width: int) -> _Table:
     def cost(row: RunRow) -> str:
         text = _money(row.cost_usd)
         return text + (f" [yellow]+{row.unpriced_calls} unpriced[/]" if row.unpriced_calls else "")
@@ -525,7 +743,7 @@ def _runs_table(rows: Sequence[RunRow], *, width: int) -> Table:
     )
 
 
-def _calls_table(rows: Sequence[CallRow], *, width: int) -> Table:
+def _calls_table(rows: Sequence[CallRow], *, width: int) -> _Table:
     def model(row: CallRow) -> str:
         if row.requested_model and row.model and row.requested_model != row.model:
             return f"{_escape(row.requested_model)} [dim]→[/] {_escape(row.model)}"
@@ -707,8 +925,7 @@ def runs_command(
     if as_json:
         _print_json(rows)
     elif rows:
-        console = _console()
-        console.print(_runs_table(rows, width=console.width))
+        _show_table(lambda width: _runs_table(rows, width=width))
     else:
         _say(_EMPTY if empty else "No runs match these filters.")
 
@@ -740,8 +957,7 @@ def calls_command(
     if as_json:
         _print_json(rows)
     elif rows:
-        console = _console()
-        console.print(_calls_table(rows, width=console.width))
+        _show_table(lambda width: _calls_table(rows, width=width))
     else:
         _say(_EMPTY if empty else "No calls match these filters.")
 
@@ -794,8 +1010,7 @@ def report_command(
         title = "Cost by " + ", ".join(dimensions)
         if since is not None:
             title += f" since {since}"
-        console = _console()
-        console.print(report_table(rows, dimensions, title=title, width=console.width))
+        _show_table(lambda width: report_table(rows, dimensions, title=title, width=width))
     else:
         _say(_EMPTY if empty else "No runs match these filters.")
 
@@ -933,7 +1148,7 @@ def _budget_figure(status: BudgetStatus, usd: Decimal | None, tokens: int | None
     return " + ".join(parts)
 
 
-def _budgets_table(statuses: Sequence[BudgetStatus], *, width: int) -> Table:
+def _budgets_table(statuses: Sequence[BudgetStatus], *, width: int) -> _Table:
     def remaining(status: BudgetStatus) -> str:
         text = _budget_figure(status, status.remaining_usd, status.remaining_tokens)
         exhausted = status.remaining_usd == 0 or status.remaining_tokens == 0
@@ -986,8 +1201,7 @@ def _list_budgets(db_url: str | None, as_json: bool) -> None:
             )
         )
     elif statuses:
-        console = _console()
-        console.print(_budgets_table(statuses, width=console.width))
+        _show_table(lambda width: _budgets_table(statuses, width=width))
     else:
         _say(_NO_BUDGETS)
 
@@ -1222,8 +1436,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     cli.main(args=list(argv) if argv is not None else None, prog_name="tokenledger")
 
 
-# The reporting commands build on the helpers above, so they are registered last.
-from tokenledger.cli_reports import COMMANDS as _REPORT_COMMANDS  # noqa: E402
+if __name__ == "__main__":
+    # `python -m tokenledger.cli`: tokenledger.cli_reports imports tokenledger.cli, which
+    # is not this module under that name, so run that module (commands and all) instead.
+    from tokenledger.cli import main as _main
 
-for _command in _REPORT_COMMANDS:
-    cli.add_command(_command)
+    _main()
+else:
+    # The reporting commands build on the helpers above, so they are registered last.
+    from tokenledger.cli_reports import COMMANDS as _REPORT_COMMANDS
+
+    for _command in _REPORT_COMMANDS:
+        cli.add_command(_command)

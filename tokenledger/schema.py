@@ -4,6 +4,11 @@ The Alembic scripts ship inside the package (``tokenledger.migrations``) and the
 configuration is built here, so this works from a wheel with no ``alembic.ini``.
 A ledger opens with `ensure_schema`: it creates a new database and refuses, with the
 command that fixes it, a database at any other revision than this code's.
+
+Alembic is imported only to migrate. Checking a ledger's revision, which every command and
+every `~tokenledger.Ledger` does on open, is one SELECT compared against `KNOWN_REVISIONS`:
+loading Alembic (and Mako, which it brings) would add a tenth of a second to every
+``tokenledger report``.
 """
 
 from __future__ import annotations
@@ -16,21 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 
 from tokenledger.exceptions import LedgerError, SchemaVersionError
 from tokenledger.storage import redact_url
 
 if TYPE_CHECKING:
+    from alembic.config import Config
+
     if sys.version_info >= (3, 11):
         from importlib.resources.abc import Traversable
     else:
         from importlib.abc import Traversable
 
 __all__ = [
+    "KNOWN_REVISIONS",
     "LEDGER_TABLES",
     "MIGRATION_LOCK_ID",
     "VERSION_TABLE",
@@ -52,6 +56,11 @@ MIGRATION_LOCK_ID = 0x746F6B656E6C6467
 
 LEDGER_TABLES = ("budget_windows", "budgets", "calls", "prices", "reservations", "runs")
 
+# Every revision in tokenledger.migrations, newest first: the first is the one this code
+# writes. Written out so that opening a ledger need not load Alembic to list the scripts;
+# a test keeps it equal to what Alembic finds there, so a new migration must add its id.
+KNOWN_REVISIONS: tuple[str, ...] = ("0004", "0003", "0002", "0001")
+
 
 def _migrations_location() -> Traversable:
     # files() finds the scripts wherever the package is: a wheel install, an editable
@@ -70,6 +79,8 @@ def _migrations_location() -> Traversable:
 
 @contextlib.contextmanager
 def _alembic_config(connection: sa.Connection | None = None) -> Iterator[Config]:
+    from alembic.config import Config
+
     with as_file(_migrations_location()) as location:
         config = Config()
         # ConfigParser interpolates '%': escape it in the path.
@@ -80,19 +91,12 @@ def _alembic_config(connection: sa.Connection | None = None) -> Iterator[Config]
         yield config
 
 
-def _known_revisions(config: Config) -> list[str]:
-    return [script.revision for script in ScriptDirectory.from_config(config).walk_revisions()]
-
-
 def head_revision() -> str:
     """The schema revision this tokenledger writes (the newest migration's id).
 
     .. versionadded:: 0.1.0
     """
-    with _alembic_config() as config:
-        head = ScriptDirectory.from_config(config).get_current_head()
-    assert head is not None, "tokenledger.migrations has no revisions"
-    return head
+    return KNOWN_REVISIONS[0]
 
 
 def _driver_reason(engine: sa.Engine, exc: BaseException) -> str:
@@ -103,9 +107,26 @@ def _driver_reason(engine: sa.Engine, exc: BaseException) -> str:
     return reason
 
 
-def _read_revision(connection: sa.Connection) -> str | None:
-    context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-    return context.get_current_revision()
+def _read_revision(connection: sa.Connection, *, exists: bool | None = None) -> str | None:
+    """The revision in the version table, None when there is none (what Alembic would read).
+
+    ``exists``: whether the version table exists, when the caller has already looked.
+    """
+    if exists is None:
+        exists = sa.inspect(connection).has_table(VERSION_TABLE)
+    if not exists:
+        return None
+    version_num = sa.column("version_num", sa.String)
+    revisions = connection.scalars(sa.select(version_num).select_from(sa.table(VERSION_TABLE)))
+    found = list(revisions)
+    if len(found) > 1:
+        # tokenledger's migrations are one line, so only a hand-edited table gets here.
+        raise SchemaVersionError(
+            f"The ledger at {redact_url(connection.engine.url)} has {len(found)} revisions "
+            f"({', '.join(sorted(found))}) in its {VERSION_TABLE} table; tokenledger keeps "
+            "exactly one. Delete the rows of the revisions the ledger is not at."
+        )
+    return found[0] if found else None
 
 
 def current_revision(engine: sa.Engine) -> str | None:
@@ -135,11 +156,11 @@ def _newer_error(engine: sa.Engine, revision: str, head: str) -> SchemaVersionEr
 
 
 def _migrate(engine: sa.Engine, action: str, revision: str) -> None:
+    from alembic import command
+
     current = current_revision(engine)
-    with _alembic_config() as config:
-        known = _known_revisions(config)
-    if current is not None and current not in known:
-        raise _newer_error(engine, current, known[0])
+    if current is not None and current not in KNOWN_REVISIONS:
+        raise _newer_error(engine, current, head_revision())
     try:
         with engine.begin() as connection, _alembic_config(connection) as config:
             getattr(command, action)(config, revision)
@@ -196,15 +217,13 @@ def ensure_schema(engine: sa.Engine) -> None:
     try:
         with engine.connect() as connection:
             tables = set(sa.inspect(connection).get_table_names())
-            revision = _read_revision(connection) if VERSION_TABLE in tables else None
+            revision = _read_revision(connection, exists=VERSION_TABLE in tables)
     except sa.exc.DBAPIError as exc:
         raise LedgerError(
             f"Cannot open the ledger at {url}: {_driver_reason(engine, exc)}"
         ) from exc
 
-    with _alembic_config() as config:
-        known = _known_revisions(config)  # newest first
-    head = known[0]
+    head = head_revision()
     if revision == head:
         return
     if revision is None:
@@ -220,7 +239,7 @@ def ensure_schema(engine: sa.Engine) -> None:
             )
         upgrade(engine)
         return
-    if revision not in known:
+    if revision not in KNOWN_REVISIONS:
         raise _newer_error(engine, revision, head)
     raise SchemaVersionError(
         f"The ledger at {url} is at schema revision {revision}; this tokenledger needs "
