@@ -10,6 +10,16 @@ cost is settled (``spent += actual``, ``reserved -= estimate``); a failed call r
 its reservation. A reservation carries a lease: if its process dies before settling,
 any process reclaims it once the lease has passed.
 
+A process that makes many calls on the same budgets (8 within a second) reserves ahead:
+it leases a chunk of a budget's headroom (256 calls' worth, at most 1/32 of what is
+left) with the same conditional UPDATE, hands it out to its calls in memory, moves their
+spend from reserved to spent every 50 ms, and gives the rest back once idle for half a
+second or when the ledger is closed. A lease is a reservation with a lease like any
+other: a process that dies holding one loses it when the lease passes. While it is held
+the budget's ``reserved`` includes its unused part, which no other process can take.
+Near a limit (1/32 of the headroom left under 8 calls) every call is reserved on its own,
+so no busy process sits on headroom the others need.
+
 With ``max_tokens`` on every call the estimate is a true upper bound and spend can never
 pass a limit. Without it, the estimate uses the model's output limit (or
 ``default_max_output_tokens``); if a call still costs more than reserved, the overshoot

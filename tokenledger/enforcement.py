@@ -6,7 +6,10 @@ tokenledger`` does not import SQLAlchemy; see `tokenledger.budgets` for how it w
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import socket
@@ -14,7 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
@@ -40,6 +43,122 @@ if TYPE_CHECKING:
     from tokenledger.runs import Run
 
 logger = logging.getLogger("tokenledger")
+
+# Leases (see "reservations" in BudgetStore): a process leases a chunk of a budget's
+# headroom once it has made HOT_CALLS calls on it within HOT_SECONDS; a chunk is
+# LEASE_CALLS calls' worth, at most 1/LEASE_SHARE of what the budget has left, and none
+# is taken when that would be under LEASE_MIN_CALLS calls.
+HOT_CALLS = 8
+HOT_SECONDS = 1.0
+LEASE_CALLS = 256
+LEASE_SHARE = 32
+LEASE_MIN_CALLS = 8
+#: How often the spend of leased calls is moved into the budget windows.
+LEASE_FLUSH_SECONDS = 0.05
+#: A lease no call has used for this long is given back.
+LEASE_IDLE_SECONDS = 0.5
+
+_USD_QUANTUM = Decimal("0.000000000001")  # the scale of the money columns
+# Stand-ins for "no limit" in one dimension of a budget limited in the other.
+_NO_USD_LIMIT = MAX_USD * 1000
+_NO_TOKEN_LIMIT = MAX_TOKENS * 10
+
+# PostgreSQL, a call on one budget: the conditional UPDATE and the reservation row in
+# one statement (nothing is inserted when the budget has no room), and the settle's
+# DELETE and UPDATE in another; each atomic on its own, run in autocommit.
+_PG_RESERVE_ONE = """\
+WITH held AS (
+    UPDATE budget_windows AS w
+    SET reserved_usd = w.reserved_usd + %(usd)s, reserved_tokens = w.reserved_tokens + %(tok)s
+    FROM budgets AS b
+    WHERE w.budget_id = %(bid)s AND w.window_start = %(ws)s AND b.id = w.budget_id
+      AND w.spent_usd + w.reserved_usd + %(usd)s <= COALESCE(b.limit_usd, %(big_usd)s)
+      AND w.spent_tokens + w.reserved_tokens + %(tok)s <= COALESCE(b.limit_tokens, %(big_tok)s)
+    RETURNING w.budget_id
+)
+INSERT INTO reservations (id, holder, amount_usd, tokens, lines, created_at, expires_at)
+SELECT %(id)s, %(holder)s, %(usd)s, %(tok)s, CAST(%(lines)s AS jsonb), %(now)s, %(expires)s
+FROM held"""
+# If the lease ran out and another process reclaimed it, the reserved amount was
+# already given back: only the spend remains to add.
+_PG_SETTLE_ONE = """\
+WITH gone AS (DELETE FROM reservations WHERE id = %(rid)s RETURNING id)
+UPDATE budget_windows
+SET reserved_usd = reserved_usd - CASE WHEN EXISTS (SELECT FROM gone) THEN %(give_usd)s ELSE 0 END,
+    reserved_tokens = reserved_tokens
+        - CASE WHEN EXISTS (SELECT FROM gone) THEN %(give_tok)s ELSE 0 END,
+    spent_usd = spent_usd + %(add_usd)s,
+    spent_tokens = spent_tokens + %(add_tok)s,
+    overshoot_usd = overshoot_usd + %(over)s
+WHERE budget_id = %(bid)s AND window_start = %(ws)s"""
+
+# What a flush moves: (covered USD, covered tokens, spent USD, spent tokens, overshoot).
+_Snapshot = tuple[Decimal, int, Decimal, int, Decimal]
+
+
+@dataclasses.dataclass(eq=False)
+class _Lease:
+    """Headroom this process reserved on one budget window ahead of its calls.
+
+    ``size`` is what its ``reservations`` row holds on the window; calls in flight hold
+    ``held`` of it; ``covered`` is what settled calls spent within their estimates, not
+    yet moved to spent (``spent`` and ``overshoot`` are all of what they spent). Free
+    for new calls: size - held - covered.
+    """
+
+    line: tuple[str, dt.datetime]
+    id: str
+    size_usd: Decimal = Decimal(0)
+    size_tokens: int = 0
+    held_usd: Decimal = Decimal(0)
+    held_tokens: int = 0
+    covered_usd: Decimal = Decimal(0)
+    covered_tokens: int = 0
+    spent_usd: Decimal = Decimal(0)
+    spent_tokens: int = 0
+    overshoot_usd: Decimal = Decimal(0)
+    expires: float = 0.0  # time.monotonic() by which it must be renewed
+    used_at: float = 0.0
+    gone: bool = False  # its row is no longer ours: given back, or reclaimed
+
+    @property
+    def free_usd(self) -> Decimal:
+        return self.size_usd - self.held_usd - self.covered_usd
+
+    @property
+    def free_tokens(self) -> int:
+        return self.size_tokens - self.held_tokens - self.covered_tokens
+
+    def has_pending(self) -> bool:
+        return bool(self.spent_usd or self.spent_tokens or self.overshoot_usd)
+
+    def snapshot(self) -> _Snapshot:
+        return (
+            self.covered_usd,
+            self.covered_tokens,
+            self.spent_usd,
+            self.spent_tokens,
+            self.overshoot_usd,
+        )
+
+    def applied(
+        self, snap: _Snapshot, give: tuple[Decimal, int], *, alive: bool, expires: float
+    ) -> None:
+        """Take a committed flush of ``snap`` (and give-back of ``give``) off the books."""
+        covered_usd, covered_tokens, spent_usd, spent_tokens, over = snap
+        self.covered_usd -= covered_usd
+        self.covered_tokens -= covered_tokens
+        self.spent_usd -= spent_usd
+        self.spent_tokens -= spent_tokens
+        self.overshoot_usd -= over
+        if alive:
+            self.size_usd -= covered_usd + give[0]
+            self.size_tokens -= covered_tokens + give[1]
+            self.expires = expires
+
+
+def _by_line(item: tuple[_Lease, Any, Any, Any]) -> tuple[str, dt.datetime]:
+    return item[0].line
 
 
 # -- the store --------------------------------------------------------------------------
@@ -68,11 +187,25 @@ class BudgetStore:
             self.engine = sa.create_engine(
                 engine.url, pool_size=10, max_overflow=20, pool_pre_ping=False
             )
+        self._pg = self.engine.dialect.name == "postgresql"
         self._windows_seen: set[tuple[str, dt.datetime]] = set()
         self._cache: list[BudgetDef] | None = None
         self._cache_at = 0.0
         self._cache_lock = threading.Lock()
         self.cache_ttl = 2.0
+        self._stmts = self._statements()
+        #: Whether a busy process reserves out of leased chunks (see "reservations").
+        self.leasing = True
+        self._pid = os.getpid()
+        self._lock = threading.Lock()  # the leases' figures; never held across I/O
+        self._acquire_lock = threading.Lock()  # one lease transaction at a time
+        self._leases: dict[tuple[str, dt.datetime], _Lease] = {}
+        self._leased: dict[str, list[_Lease]] = {}  # reservation id -> leases it holds
+        self._draining: list[_Lease] = []  # no longer handed out, still to flush
+        self._heat: dict[tuple[tuple[str, dt.datetime], ...], collections.deque[float]] = {}
+        self._no_lease_until: dict[tuple[tuple[str, dt.datetime], ...], float] = {}
+        self._flusher: threading.Thread | None = None
+        self._stop = threading.Event()
 
     @staticmethod
     def _sqlite_setup(engine: sa.Engine) -> None:
@@ -189,6 +322,7 @@ class BudgetStore:
 
     def status(self, now: dt.datetime | None = None) -> list[BudgetStatus]:
         now = now or utcnow()
+        self.flush_leases()  # this process's leased calls' spend, in the figures
         self.reclaim_expired()
         windows = self._storage.budget_windows
         out = []
@@ -221,6 +355,99 @@ class BudgetStore:
         return out
 
     # -- reservations ------------------------------------------------------------------
+    #
+    # A call's estimate is held in one of two ways, both reservations in the database:
+    #
+    # * exact: the call's own ``reservations`` row and a conditional UPDATE of each of
+    #   its budget windows, settled right after the call. On PostgreSQL a call on one
+    #   budget is one statement in autocommit (one round trip to reserve, one to settle);
+    #   several budgets take one transaction that locks the windows in sorted order.
+    # * leased: a process busy on the same budgets reserves a chunk of headroom per
+    #   window (a lease: one ``reservations`` row, reserved on the window like any other,
+    #   reclaimed like any other if the process dies) and hands it out to its calls
+    #   under a local lock. Their spend is moved from reserved to spent in batches by a
+    #   flusher thread, which also renews the leases and gives back idle ones. The limit
+    #   is checked in the database when a chunk is reserved, and a call takes only what
+    #   a chunk has left, so spend can no more pass a limit than with exact
+    #   reservations. A chunk is at most 1/`LEASE_SHARE` of the headroom left and none
+    #   is taken when that is under `LEASE_MIN_CALLS` calls: near its limit a budget is
+    #   reserved call by call, and no process sits on headroom another one needs.
+
+    def _statements(self) -> dict[str, Any]:
+        """The statements reservations use, built once with bind parameters (SQLAlchemy
+        then reuses their compiled form)."""
+        windows = self._storage.budget_windows
+        budgets = self._storage.budgets
+        reservations = self._storage.reservations
+        money = windows.c.reserved_usd.type
+        count = windows.c.reserved_tokens.type
+        key = (windows.c.budget_id == sa.bindparam("bid")) & (
+            windows.c.window_start == sa.bindparam("ws")
+        )
+        usd = sa.bindparam("usd", type_=money)
+        tok = sa.bindparam("tok", type_=count)
+        limit_usd = (
+            sa.select(sa.func.coalesce(budgets.c.limit_usd, _NO_USD_LIMIT))
+            .where(budgets.c.id == sa.bindparam("bid"))
+            .scalar_subquery()
+        )
+        limit_tokens = (
+            sa.select(sa.func.coalesce(budgets.c.limit_tokens, _NO_TOKEN_LIMIT))
+            .where(budgets.c.id == sa.bindparam("bid"))
+            .scalar_subquery()
+        )
+        figures = (
+            sa.select(
+                windows.c.spent_usd,
+                windows.c.reserved_usd,
+                windows.c.spent_tokens,
+                windows.c.reserved_tokens,
+                budgets.c.limit_usd,
+                budgets.c.limit_tokens,
+            )
+            .select_from(windows.join(budgets, budgets.c.id == windows.c.budget_id))
+            .where(key)
+        )
+        if self.engine.dialect.name == "postgresql":
+            figures = figures.with_for_update(of=windows)
+        return {
+            "reserve": sa.update(windows)
+            .where(
+                key,
+                windows.c.spent_usd + windows.c.reserved_usd + usd <= limit_usd,
+                windows.c.spent_tokens + windows.c.reserved_tokens + tok <= limit_tokens,
+            )
+            .values(
+                reserved_usd=windows.c.reserved_usd + usd,
+                reserved_tokens=windows.c.reserved_tokens + tok,
+            ),
+            "add": sa.update(windows)
+            .where(key)
+            .values(
+                reserved_usd=windows.c.reserved_usd + usd,
+                reserved_tokens=windows.c.reserved_tokens + tok,
+            ),
+            "move": sa.update(windows)
+            .where(key)
+            .values(
+                reserved_usd=windows.c.reserved_usd - sa.bindparam("give_usd", type_=money),
+                reserved_tokens=windows.c.reserved_tokens - sa.bindparam("give_tok", type_=count),
+                spent_usd=windows.c.spent_usd + sa.bindparam("add_usd", type_=money),
+                spent_tokens=windows.c.spent_tokens + sa.bindparam("add_tok", type_=count),
+                overshoot_usd=windows.c.overshoot_usd + sa.bindparam("over", type_=money),
+            ),
+            "figures": figures,
+            "insert": sa.insert(reservations),
+            "delete": sa.delete(reservations).where(reservations.c.id == sa.bindparam("rid")),
+            "resize": sa.update(reservations)
+            .where(reservations.c.id == sa.bindparam("rid"))
+            .values(
+                amount_usd=sa.bindparam("size_usd", type_=money),
+                tokens=sa.bindparam("size_tok", type_=count),
+                expires_at=sa.bindparam("until", type_=reservations.c.expires_at.type),
+            ),
+        }
+
     def _ensure_windows(self, conn: sa.Connection, keys: Iterable[tuple[str, dt.datetime]]) -> None:
         windows = self._storage.budget_windows
         missing = [k for k in keys if k not in self._windows_seen]
@@ -242,14 +469,34 @@ class BudgetStore:
                 .on_conflict_do_nothing(index_elements=["budget_id", "window_start"])
             )
 
-    def reserve(self, *args: Any) -> tuple[BudgetDef, dt.datetime] | None:
-        """See `_reserve`; retried once when the connection was lost (a restart)."""
+    def reserve(
+        self,
+        reservation_id: str,
+        enforce: Sequence[tuple[BudgetDef, dt.datetime]],
+        track: Sequence[tuple[BudgetDef, dt.datetime]],
+        usd: Decimal,
+        tokens: int,
+    ) -> tuple[BudgetDef, dt.datetime] | None:
+        """Reserve on every budget in ``enforce`` (all or none) and ``track``
+        (unconditionally). Returns the first budget that refused, or None.
+
+        Taken out of this process's leases when they have room; otherwise reserved
+        exactly, retried once when the connection was lost (a restart).
+        """
+        if self.leasing and enforce and not track:
+            lines = sorted({(d.id, s) for d, s in enforce})
+            if self._lease_mode(reservation_id, lines, usd, tokens):
+                return None
         try:
-            return self._reserve(*args)
+            refused = self._reserve(reservation_id, enforce, track, usd, tokens)
         except sa.exc.DBAPIError as exc:
             if not exc.connection_invalidated:
                 raise
-            return self._reserve(*args)
+            refused = self._reserve(reservation_id, enforce, track, usd, tokens)
+        if refused is not None and self._give_back_free({(d.id, s) for d, s in enforce}):
+            # This process's own lease held the headroom: it is back, so try once more.
+            refused = self._reserve(reservation_id, enforce, track, usd, tokens)
+        return refused
 
     def _reserve(
         self,
@@ -259,72 +506,70 @@ class BudgetStore:
         usd: Decimal,
         tokens: int,
     ) -> tuple[BudgetDef, dt.datetime] | None:
-        """Reserve on every budget in ``enforce`` (all or none) and ``track``
-        (unconditionally). Returns the first budget that refused, or None."""
-        windows = self._storage.budget_windows
-        budgets = self._storage.budgets
-        reservations = self._storage.reservations
         ordered = sorted(enforce, key=lambda item: (item[0].id, item[1]))
         tracked = sorted(track, key=lambda item: (item[0].id, item[1]))
         keys = [(d.id, s) for d, s in ordered + tracked]
-        big = Decimal(MAX_USD) * 1000
+        if not keys:
+            return None
+        now = utcnow()
+        lines = [[d, s.isoformat()] for d, s in keys]
+        expires = now + dt.timedelta(seconds=self.lease_seconds)
+        if self._pg and len(ordered) == 1 and not tracked and keys[0] in self._windows_seen:
+            # The conditional UPDATE and the reservation row in one statement, atomic
+            # on its own: no BEGIN and no COMMIT round trips.
+            definition, start = ordered[0]
+            with self._autocommit() as conn:
+                inserted = conn.exec_driver_sql(
+                    _PG_RESERVE_ONE,
+                    {
+                        "id": reservation_id,
+                        "holder": self.holder,
+                        "usd": usd,
+                        "tok": tokens,
+                        "bid": definition.id,
+                        "ws": start,
+                        "big_usd": _NO_USD_LIMIT,
+                        "big_tok": _NO_TOKEN_LIMIT,
+                        "lines": json.dumps(lines),
+                        "now": now,
+                        "expires": expires,
+                    },
+                ).rowcount
+            return None if inserted == 1 else (definition, start)
+        stmts = self._stmts
         with self.engine.begin() as conn:
             self._ensure_windows(conn, keys)
             for definition, start in ordered:
-                limit_usd = (
-                    sa.select(sa.func.coalesce(budgets.c.limit_usd, big))
-                    .where(budgets.c.id == definition.id)
-                    .scalar_subquery()
-                )
-                limit_tokens = (
-                    sa.select(sa.func.coalesce(budgets.c.limit_tokens, MAX_TOKENS * 10))
-                    .where(budgets.c.id == definition.id)
-                    .scalar_subquery()
-                )
-                result = conn.execute(
-                    sa.update(windows)
-                    .where(
-                        windows.c.budget_id == definition.id,
-                        windows.c.window_start == start,
-                        windows.c.spent_usd + windows.c.reserved_usd + usd <= limit_usd,
-                        windows.c.spent_tokens + windows.c.reserved_tokens + tokens <= limit_tokens,
-                    )
-                    .values(
-                        reserved_usd=windows.c.reserved_usd + usd,
-                        reserved_tokens=windows.c.reserved_tokens + tokens,
-                    )
-                )
-                if result.rowcount != 1:
+                params = {"bid": definition.id, "ws": start, "usd": usd, "tok": tokens}
+                if conn.execute(stmts["reserve"], params).rowcount != 1:
                     conn.rollback()
                     return definition, start
             for definition, start in tracked:
                 conn.execute(
-                    sa.update(windows)
-                    .where(windows.c.budget_id == definition.id, windows.c.window_start == start)
-                    .values(
-                        reserved_usd=windows.c.reserved_usd + usd,
-                        reserved_tokens=windows.c.reserved_tokens + tokens,
-                    )
+                    stmts["add"], {"bid": definition.id, "ws": start, "usd": usd, "tok": tokens}
                 )
-            if keys:
-                now = utcnow()
-                conn.execute(
-                    sa.insert(reservations).values(
-                        id=reservation_id,
-                        holder=self.holder,
-                        amount_usd=usd,
-                        tokens=tokens,
-                        lines=[[d, s.isoformat()] for d, s in keys],
-                        created_at=now,
-                        expires_at=now + dt.timedelta(seconds=self.lease_seconds),
-                    )
-                )
+            conn.execute(
+                stmts["insert"],
+                {
+                    "id": reservation_id,
+                    "holder": self.holder,
+                    "amount_usd": usd,
+                    "tokens": tokens,
+                    "lines": lines,
+                    "created_at": now,
+                    "expires_at": expires,
+                },
+            )
         self._windows_seen.update(keys)
         return None
+
+    def _autocommit(self) -> sa.Connection:
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
     def window_figures(
         self, budget_id: str, start: dt.datetime
     ) -> tuple[Decimal, Decimal, int, int]:
+        self.flush_leases()
         windows = self._storage.budget_windows
         with self.engine.connect() as conn:
             row = conn.execute(
@@ -340,17 +585,13 @@ class BudgetStore:
         self, lines: Sequence[tuple[str, dt.datetime]], usd: Decimal, tokens: int
     ) -> None:
         """Add spend with no reservation behind it (a call recorded after the fact)."""
-        windows = self._storage.budget_windows
+        params = {"give_usd": Decimal(0), "give_tok": 0, "add_usd": usd, "add_tok": tokens}
         with self.engine.begin() as conn:
             self._ensure_windows(conn, lines)
             for budget_id, start in sorted(lines):
                 conn.execute(
-                    sa.update(windows)
-                    .where(windows.c.budget_id == budget_id, windows.c.window_start == start)
-                    .values(
-                        spent_usd=windows.c.spent_usd + usd,
-                        spent_tokens=windows.c.spent_tokens + tokens,
-                    )
+                    self._stmts["move"],
+                    {**params, "over": Decimal(0), "bid": budget_id, "ws": start},
                 )
         self._windows_seen.update(lines)
 
@@ -366,29 +607,30 @@ class BudgetStore:
         """Move a reservation into spent (``spent_usd`` 0 for a release)."""
         if not lines:
             return
-        windows = self._storage.budget_windows
-        reservations = self._storage.reservations
-        overshoot = max(spent_usd - reserved_usd, Decimal(0))
+        if self._leased and self._settle_leased(
+            reservation_id, reserved_usd, reserved_tokens, spent_usd, spent_tokens
+        ):
+            return
+        params = {
+            "rid": reservation_id,
+            "give_usd": reserved_usd,
+            "give_tok": reserved_tokens,
+            "add_usd": spent_usd,
+            "add_tok": spent_tokens,
+            "over": max(spent_usd - reserved_usd, Decimal(0)),
+        }
+        if self._pg and len(lines) == 1:
+            budget_id, start = lines[0]
+            with self._autocommit() as conn:
+                conn.exec_driver_sql(_PG_SETTLE_ONE, {**params, "bid": budget_id, "ws": start})
+            return
         with self.engine.begin() as conn:
-            deleted = conn.execute(
-                sa.delete(reservations).where(reservations.c.id == reservation_id)
-            ).rowcount
             # If the lease ran out and another process reclaimed it, the reserved amount
             # was already given back: only the spend remains to add.
-            give_back_usd = reserved_usd if deleted else Decimal(0)
-            give_back_tokens = reserved_tokens if deleted else 0
+            if not conn.execute(self._stmts["delete"], {"rid": reservation_id}).rowcount:
+                params.update(give_usd=Decimal(0), give_tok=0)
             for budget_id, start in sorted(lines):
-                conn.execute(
-                    sa.update(windows)
-                    .where(windows.c.budget_id == budget_id, windows.c.window_start == start)
-                    .values(
-                        reserved_usd=windows.c.reserved_usd - give_back_usd,
-                        reserved_tokens=windows.c.reserved_tokens - give_back_tokens,
-                        spent_usd=windows.c.spent_usd + spent_usd,
-                        spent_tokens=windows.c.spent_tokens + spent_tokens,
-                        overshoot_usd=windows.c.overshoot_usd + overshoot,
-                    )
-                )
+                conn.execute(self._stmts["move"], {**params, "bid": budget_id, "ws": start})
 
     def reclaim_expired(self) -> int:
         """Give back the reservations of processes that died holding them."""
@@ -421,7 +663,407 @@ class BudgetStore:
             logger.warning("tokenledger reclaimed %d expired budget reservation(s)", reclaimed)
         return reclaimed
 
+    # -- leases ------------------------------------------------------------------------
+    def _check_fork(self) -> None:
+        if os.getpid() != self._pid:
+            # A forked child holds none of its parent's leases, nor its flusher.
+            self._pid = os.getpid()
+            self.holder = f"{socket.gethostname()}:{self._pid}"
+            self._lock = threading.Lock()
+            self._acquire_lock = threading.Lock()
+            self._leases = {}
+            self._leased = {}
+            self._draining = []
+            self._heat = {}
+            self._no_lease_until = {}
+            self._flusher = None
+            self._stop = threading.Event()
+
+    def _is_hot(self, lines: list[tuple[str, dt.datetime]], now: float) -> bool:
+        """Whether this process reserved `HOT_CALLS` calls on these budgets within
+        `HOT_SECONDS`: only then is a lease worth its transactions. Under ``_lock``."""
+        key = tuple(lines)
+        recent = self._heat.get(key)
+        if recent is None:
+            if len(self._heat) > 4096:
+                self._heat = {k: v for k, v in self._heat.items() if now - v[-1] < HOT_SECONDS}
+                self._no_lease_until = {k: v for k, v in self._no_lease_until.items() if v > now}
+            recent = self._heat[key] = collections.deque(maxlen=HOT_CALLS)
+        recent.append(now)
+        return len(recent) == HOT_CALLS and now - recent[0] <= HOT_SECONDS
+
+    def _take(
+        self,
+        reservation_id: str,
+        lines: list[tuple[str, dt.datetime]],
+        usd: Decimal,
+        tokens: int,
+        now: float,
+    ) -> bool:
+        """Hand a call its estimate out of the leases on its budgets, if each has room
+        and time left. Under ``_lock``."""
+        leases = []
+        for line in lines:
+            lease = self._leases.get(line)
+            if (
+                lease is None
+                or lease.expires - now < self.lease_seconds / 2
+                or lease.free_usd < usd
+                or lease.free_tokens < tokens
+            ):
+                return False
+            leases.append(lease)
+        for lease in leases:
+            lease.held_usd += usd
+            lease.held_tokens += tokens
+            lease.used_at = now
+        self._leased[reservation_id] = leases
+        return True
+
+    def _lease_mode(
+        self,
+        reservation_id: str,
+        lines: list[tuple[str, dt.datetime]],
+        usd: Decimal,
+        tokens: int,
+    ) -> bool:
+        """Reserve a call out of leases, taking or topping them up when this process is
+        busy on its budgets. False: reserve it exactly."""
+        self._check_fork()
+        now = time.monotonic()
+        key = tuple(lines)
+        with self._lock:
+            if self._take(reservation_id, lines, usd, tokens, now):
+                return True
+            if not self._is_hot(lines, now) or self._no_lease_until.get(key, 0.0) > now:
+                return False
+        with self._acquire_lock:
+            with self._lock:
+                if self._take(reservation_id, lines, usd, tokens, time.monotonic()):
+                    return True
+            if not self._top_up(lines, usd, tokens):
+                with self._lock:
+                    self._no_lease_until[key] = time.monotonic() + HOT_SECONDS
+                return False
+            with self._lock:
+                return self._take(reservation_id, lines, usd, tokens, time.monotonic())
+
+    def _chunk(self, row: Any, usd: Decimal, tokens: int) -> tuple[Decimal, int] | None:
+        """What to lease on a window: `LEASE_CALLS` calls' worth, at most 1/`LEASE_SHARE`
+        of the headroom left; None when that is under `LEASE_MIN_CALLS` calls."""
+        chunk_usd = usd * LEASE_CALLS
+        chunk_tokens = tokens * LEASE_CALLS
+        if row.limit_usd is not None:
+            left = row.limit_usd - row.spent_usd - row.reserved_usd
+            share = (left / LEASE_SHARE).quantize(_USD_QUANTUM, rounding=ROUND_DOWN)
+            chunk_usd = min(chunk_usd, share)
+            if chunk_usd < usd * LEASE_MIN_CALLS:
+                return None
+        if row.limit_tokens is not None:
+            left_tokens = row.limit_tokens - row.spent_tokens - row.reserved_tokens
+            chunk_tokens = min(chunk_tokens, left_tokens // LEASE_SHARE)
+            if chunk_tokens < tokens * LEASE_MIN_CALLS:
+                return None
+        return chunk_usd, chunk_tokens
+
+    def _top_up(self, lines: list[tuple[str, dt.datetime]], usd: Decimal, tokens: int) -> bool:
+        """Lease a chunk on each of ``lines`` whose lease cannot cover the call, all in
+        one transaction; False, with nothing leased, when one of them is near its limit.
+        Under ``_acquire_lock``."""
+        stmts = self._stmts
+        wall = utcnow()
+        until = wall + dt.timedelta(seconds=self.lease_seconds)
+        with self._lock:
+            work = [
+                (line, lease, lease.snapshot() if lease is not None else None)
+                for line in lines
+                if (lease := self._leases.get(line)) is None
+                or lease.free_usd < usd
+                or lease.free_tokens < tokens
+            ]
+        done: list[tuple[_Lease, _Snapshot, bool]] = []
+        grown: list[tuple[_Lease, Decimal, int]] = []
+        with self.engine.begin() as conn:
+            self._ensure_windows(conn, lines)
+            for line, lease, snap in work:
+                params = {"bid": line[0], "ws": line[1]}
+                alive = False
+                if lease is not None and snap is not None:
+                    # Settle what the lease's calls spent first: the chunk is sized on
+                    # the window as it stands.
+                    alive = self._sync(conn, lease, snap, (Decimal(0), 0), until, release=False)
+                    done.append((lease, snap, alive))
+                row = conn.execute(stmts["figures"], params).one()
+                chunk = self._chunk(row, usd, tokens)
+                if (
+                    chunk is None
+                    or conn.execute(
+                        stmts["reserve"], {**params, "usd": chunk[0], "tok": chunk[1]}
+                    ).rowcount
+                    != 1
+                ):
+                    conn.rollback()
+                    return False
+                if alive and lease is not None and snap is not None:
+                    conn.execute(
+                        stmts["resize"],
+                        {
+                            "rid": lease.id,
+                            "size_usd": lease.size_usd - snap[0] + chunk[0],
+                            "size_tok": lease.size_tokens - snap[1] + chunk[1],
+                            "until": until,
+                        },
+                    )
+                    grown.append((lease, chunk[0], chunk[1]))
+                else:
+                    fresh = _Lease(line=line, id=new_id())
+                    conn.execute(
+                        stmts["insert"],
+                        {
+                            "id": fresh.id,
+                            "holder": self.holder,
+                            "amount_usd": chunk[0],
+                            "tokens": chunk[1],
+                            "lines": [[line[0], line[1].isoformat()]],
+                            "created_at": wall,
+                            "expires_at": until,
+                        },
+                    )
+                    grown.append((fresh, chunk[0], chunk[1]))
+        self._windows_seen.update(lines)
+        now = time.monotonic()
+        with self._lock:
+            for lease, snap, alive in done:
+                lease.applied(snap, (Decimal(0), 0), alive=alive, expires=now + self.lease_seconds)
+                if not alive:  # reclaimed by another process: a fresh lease replaces it
+                    lease.gone = True
+                    lease.size_usd, lease.size_tokens = Decimal(0), 0
+                    self._retire(lease)
+            for lease, chunk_usd, chunk_tokens in grown:
+                lease.size_usd += chunk_usd
+                lease.size_tokens += chunk_tokens
+                lease.expires = now + self.lease_seconds
+                lease.used_at = now
+                self._leases[lease.line] = lease
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="tokenledger-budget-leases", daemon=True
+                )
+                self._flusher.start()
+        return True
+
+    def _retire(self, lease: _Lease) -> None:
+        """No call takes from ``lease`` any more (given back, or reclaimed by another
+        process); what its calls in flight spend is still flushed. Under ``_lock``."""
+        if self._leases.get(lease.line) is lease:
+            del self._leases[lease.line]
+        busy = lease.held_usd or lease.held_tokens or lease.has_pending()
+        if busy and lease not in self._draining:
+            self._draining.append(lease)
+        elif not busy and lease in self._draining:
+            self._draining.remove(lease)
+
+    def _sync(
+        self,
+        conn: sa.Connection,
+        lease: _Lease,
+        snap: _Snapshot,
+        give: tuple[Decimal, int],
+        until: dt.datetime,
+        *,
+        release: bool,
+    ) -> bool:
+        """In ``conn``'s transaction: move the spend the lease's calls settled (``snap``)
+        from reserved to spent, give back ``give`` of its headroom (all of it, and its
+        row, with ``release``) and renew it. False: another process had reclaimed it,
+        so nothing is reserved for it any more and only the spend is added."""
+        covered_usd, covered_tokens, spent_usd, spent_tokens, over = snap
+        alive = False
+        if not lease.gone:
+            if release:
+                alive = conn.execute(self._stmts["delete"], {"rid": lease.id}).rowcount == 1
+            else:
+                params = {
+                    "rid": lease.id,
+                    "size_usd": lease.size_usd - covered_usd - give[0],
+                    "size_tok": lease.size_tokens - covered_tokens - give[1],
+                    "until": until,
+                }
+                alive = conn.execute(self._stmts["resize"], params).rowcount == 1
+        if alive or spent_usd or spent_tokens or over:
+            conn.execute(
+                self._stmts["move"],
+                {
+                    "bid": lease.line[0],
+                    "ws": lease.line[1],
+                    "give_usd": covered_usd + give[0] if alive else Decimal(0),
+                    "give_tok": covered_tokens + give[1] if alive else 0,
+                    "add_usd": spent_usd,
+                    "add_tok": spent_tokens,
+                    "over": over,
+                },
+            )
+        return alive
+
+    def _settle_leased(
+        self,
+        reservation_id: str,
+        reserved_usd: Decimal,
+        reserved_tokens: int,
+        spent_usd: Decimal,
+        spent_tokens: int,
+    ) -> bool:
+        """Settle a call reserved out of leases, in memory (the flusher moves its spend
+        into the database). False: the call was reserved exactly."""
+        with self._lock:
+            leases = self._leased.pop(reservation_id, None)
+            if leases is None:
+                return False
+            now = time.monotonic()
+            covered_usd = min(spent_usd, reserved_usd)
+            covered_tokens = min(spent_tokens, reserved_tokens)
+            over = max(spent_usd - reserved_usd, Decimal(0))
+            for lease in leases:
+                lease.held_usd -= reserved_usd
+                lease.held_tokens -= reserved_tokens
+                lease.covered_usd += covered_usd
+                lease.covered_tokens += covered_tokens
+                lease.spent_usd += spent_usd
+                lease.spent_tokens += spent_tokens
+                lease.overshoot_usd += over
+                lease.used_at = now
+        return True
+
+    def _flush_loop(self) -> None:
+        stop = self._stop
+        while not stop.wait(LEASE_FLUSH_SECONDS):
+            try:
+                self.flush_leases(release_idle=True)
+            except Exception as exc:
+                # The leases stay; their spend is flushed on a later round, and they stop
+                # handing out headroom well before their lease could run out.
+                logger.warning(
+                    "tokenledger could not flush budget leases (%s); retrying",
+                    exc.__class__.__name__,
+                )
+
+    def flush_leases(self, *, release_idle: bool = False, release_all: bool = False) -> None:
+        """Move the spend of calls reserved out of leases into the budget windows and
+        renew the leases; give back the headroom of those idle for `LEASE_IDLE_SECONDS`
+        (``release_idle``), or of all of them (``release_all``, on close)."""
+        if not self._leases and not self._draining:
+            return
+        self._check_fork()
+        with self._acquire_lock:
+            now = time.monotonic()
+            with self._lock:
+                work = []
+                for lease in [*self._leases.values(), *self._draining]:
+                    held = bool(lease.held_usd or lease.held_tokens)
+                    live = self._leases.get(lease.line) is lease
+                    idle = release_all or (
+                        release_idle and now - lease.used_at > LEASE_IDLE_SECONDS
+                    )
+                    release = not lease.gone and not held and (idle or not live)
+                    give_back = not lease.gone and held and live and idle
+                    renew = not lease.gone and lease.expires - now < self.lease_seconds * 0.75
+                    if release or give_back:
+                        self._retire(lease)  # no call takes from it from now on
+                        free = (lease.free_usd, lease.free_tokens)
+                        work.append((lease, lease.snapshot(), free, release))
+                    elif renew or lease.has_pending():
+                        work.append((lease, lease.snapshot(), (Decimal(0), 0), False))
+                    elif not live:
+                        self._retire(lease)  # reclaimed, and nothing left to flush
+            if not work:
+                return
+            until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
+            try:
+                with self.engine.begin() as conn:
+                    results = [
+                        (
+                            lease,
+                            snap,
+                            give,
+                            release,
+                            self._sync(conn, lease, snap, give, until, release=release),
+                        )
+                        for lease, snap, give, release in sorted(work, key=_by_line)
+                    ]
+            except Exception:
+                with self._lock:
+                    for lease, _snap, give, release in work:
+                        if (release or any(give)) and lease.line not in self._leases:
+                            # Nothing was given back: the lease still holds its headroom.
+                            self._leases[lease.line] = lease
+                            if lease in self._draining:
+                                self._draining.remove(lease)
+                raise
+            self._applied(results)
+
+    def _give_back_free(self, lines: set[tuple[str, dt.datetime]]) -> bool:
+        """Give back the unused headroom of this process's leases on ``lines``: a call
+        must not be refused for headroom its own process sits on."""
+        if not self._leases or not any(line in self._leases for line in lines):
+            return False
+        with self._acquire_lock:
+            with self._lock:
+                work = []
+                for line in sorted(lines):
+                    lease = self._leases.get(line)
+                    if lease is None:
+                        continue
+                    held = bool(lease.held_usd or lease.held_tokens)
+                    give = (lease.free_usd, lease.free_tokens)
+                    self._retire(lease)
+                    work.append((lease, lease.snapshot(), give, not held))
+            if not work:
+                return False
+            until = utcnow() + dt.timedelta(seconds=self.lease_seconds)
+            with self.engine.begin() as conn:
+                results = [
+                    (
+                        lease,
+                        snap,
+                        give,
+                        release,
+                        self._sync(conn, lease, snap, give, until, release=release),
+                    )
+                    for lease, snap, give, release in work
+                ]
+            self._applied(results)
+        return True
+
+    def _applied(
+        self,
+        results: list[tuple[_Lease, _Snapshot, tuple[Decimal, int], bool, bool]],
+    ) -> None:
+        """Bring the leases' figures in line with a committed flush or give-back."""
+        expires = time.monotonic() + self.lease_seconds
+        with self._lock:
+            for lease, snap, give, release, alive in results:
+                lease.applied(snap, give, alive=alive, expires=expires)
+                if release or not alive:
+                    lease.gone = True
+                    lease.size_usd, lease.size_tokens = Decimal(0), 0
+                if lease.gone or self._leases.get(lease.line) is not lease:
+                    self._retire(lease)
+
     def dispose(self) -> None:
+        """Give back this process's leases and close the connections."""
+        self.leasing = False
+        self._stop.set()
+        flusher = self._flusher
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout=5)
+        try:
+            self.flush_leases(release_all=True)
+        except Exception:
+            logger.exception(
+                "tokenledger could not give back its budget leases; they expire and are "
+                "reclaimed after %s s",
+                self.lease_seconds,
+            )
         if self.engine is not None:
             self.engine.dispose()
 
