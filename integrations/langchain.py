@@ -57,9 +57,12 @@ How a call is seen, and why there:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import sys
 import threading
+import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -137,13 +140,41 @@ def _usage_of(metadata: Mapping[str, Any]) -> dict[str, Any]:
 
 class _Call:
     """One model call between ``on_*_start`` and its end; finishes its `PendingCall`
-    exactly once. Never raises: a failure to record is logged."""
+    exactly once. Never raises: a failure to record is logged.
 
-    __slots__ = ("messages", "pending")
+    A batch (``generate([m1, m2])``, a text completion model given several prompts)
+    starts one LangChain run per prompt, all before the first request is sent; they
+    share the ``invocation_params`` dict, which is how siblings are recognised.
+    """
 
-    def __init__(self, pending: PendingCall, messages: list[dict[str, Any]]) -> None:
+    __slots__ = (
+        "__weakref__",
+        "batch",
+        "batch_size",
+        "messages",
+        "order",
+        "pending",
+        "run_id",
+        "sent",
+    )
+
+    def __init__(
+        self,
+        pending: PendingCall,
+        messages: list[dict[str, Any]],
+        run_id: UUID,
+        batch: object,
+        batch_size: int,
+    ) -> None:
         self.pending = pending
         self.messages = messages  # the prompt in OpenAI's shape, counted for estimates
+        self.run_id = run_id  # LangChain's, the key in the registry
+        self.batch = batch  # the invocation parameters its batch shares, or None
+        self.batch_size = batch_size
+        self.order = next(_start_order)  # a batch's prompts are sent in the order they start
+        # False once a sibling sent before it failed: a synchronous batch stops there,
+        # so this prompt was never sent if its end never arrives.
+        self.sent = True
 
     def _generation(self, response: LLMResult | None) -> Any:
         """The generation of this call: LangChain gives one prompt per run id."""
@@ -162,6 +193,11 @@ class _Call:
         if metadata:
             return _usage_of(metadata)
         output = (response.llm_output if response is not None else None) or {}
+        if self.batch_size > 1 and output.get("token_usage") == {}:
+            # A text completion batch is one request: `LLMResult.flatten()` gives its
+            # usage to the first prompt and an empty one to the others. Counting them
+            # would count the request twice: they cost nothing more.
+            return TokenUsage()
         raw = output.get("token_usage") or output.get("usage")
         return raw or None
 
@@ -225,6 +261,55 @@ class _Call:
         except Exception:
             logger.exception("tokenledger could not record a failed LangChain model call")
 
+    def release(self) -> None:
+        """Nothing was sent: give back what was reserved for it, record nothing."""
+        try:
+            if self.pending.claim():
+                self.pending.ledger._release(self.pending)
+        except Exception:
+            logger.exception("tokenledger could not release a LangChain model call")
+
+    def end_with_run(self) -> None:
+        """The call's run is ending and LangChain never reported the call's end.
+
+        ``asyncio.wait_for(model.ainvoke(...))`` timing out cancels the call with no
+        callback, and a synchronous ``generate([m1, m2])`` whose second prompt fails
+        drops the first one's result. What was sent is recorded as abandoned, its prompt
+        counted (estimated); what was not is released. Either way its reservation is
+        given back.
+        """
+        _registry.forget(self)
+        if self.sent:
+            try:
+                self.pending.abandon(self._estimated_usage(None, None))
+            except Exception:
+                logger.exception("tokenledger could not record an abandoned LangChain call")
+        else:
+            self.release()
+
+    def watch(self) -> None:
+        """Have the call's run finish it when the run ends, if nothing else did.
+
+        `Ledger._run_ending` finishes the open streams its run registered with
+        `Ledger._open_stream`, through `capture.finish_abandoned`, which calls
+        ``pending.stream()`` for the stream to close: here that function records the
+        call itself and returns no stream (the `PendingCall` is then claimed, and
+        nothing else is recorded). It holds the call weakly: a call that ended is not
+        kept alive until its run ends.
+        """
+        ref = weakref.ref(self)
+
+        def at_run_end() -> None:
+            call = ref()
+            if call is not None:
+                call.end_with_run()
+
+        self.pending.stream = at_run_end
+        self.pending.ledger._open_stream(self.pending)
+        # The run holds the `PendingCall` until it ends; the request body was only
+        # needed for the reservation, taken by now.
+        self.pending.request = {}
+
 
 # -- what is open, shared by every handler ------------------------------------------------
 
@@ -244,6 +329,11 @@ class _Registry:
         self.scopes: dict[UUID, Run] = {}  # chains, tools, retrievers -> their run
         self.nodes: dict[UUID, Run] = {}  # graph node runs this module opened
         self.calls: dict[UUID, object] = {}  # model calls -> _Call (or _CLAIMED)
+        # The shared invocation parameters of batches refused at the start of one of
+        # their prompts. An async batch starts its prompts concurrently, so a sibling
+        # may start after the refusal; nothing of the batch is sent. A few suffice:
+        # siblings start together.
+        self.refused: deque[object] = deque(maxlen=32)
 
     def run_for(self, parent_run_id: UUID | None) -> Run | None:
         """The run a LangChain run starting under ``parent_run_id`` belongs to."""
@@ -262,8 +352,41 @@ class _Registry:
             call = self.calls.pop(run_id, None)
         return call if isinstance(call, _Call) else None
 
+    def forget(self, call: _Call) -> None:
+        with self.lock:
+            if self.calls.get(call.run_id) is call:
+                del self.calls[call.run_id]
+
+    def was_refused(self, batch: object) -> bool:
+        with self.lock:
+            return any(refused is batch for refused in self.refused)
+
+    def refuse_batch(self, batch: object) -> list[_Call]:
+        """A prompt of ``batch`` was refused: no prompt of it is sent. Its open
+        siblings, taken out of the registry, to release."""
+        with self.lock:
+            self.refused.append(batch)
+            siblings = [c for c in self.calls.values() if isinstance(c, _Call) and c.batch is batch]
+            for call in siblings:
+                del self.calls[call.run_id]
+        return siblings
+
+    def sibling_failed(self, failed: _Call) -> None:
+        """A synchronous batch stops at its first failure: the siblings that started
+        after it were never sent, unless their own end arrives (an async batch sends
+        them all)."""
+        with self.lock:
+            for call in self.calls.values():
+                if (
+                    isinstance(call, _Call)
+                    and call.batch is failed.batch
+                    and call.order > failed.order
+                ):
+                    call.sent = False
+
 
 _registry = _Registry()
+_start_order = itertools.count()
 
 
 def _innermost(current: Run | None, scoped: Run | None) -> Run | None:
@@ -459,11 +582,23 @@ class TokenledgerCallbackHandler(BaseCallbackHandler):
     ) -> None:
         if not _registry.claim_call(run_id):
             return  # another tokenledger handler has it
+        batch = kwargs.get("invocation_params")
         call: _Call | None = None
         try:
-            call = self._begin(operation, serialized or {}, prompt, parent_run_id, metadata, kwargs)
+            if batch is not None and _registry.was_refused(batch):
+                return  # a sibling prompt was refused: none of the batch is sent
+            call = self._begin(
+                operation, serialized or {}, prompt, run_id, parent_run_id, metadata, kwargs
+            )
+            if call is not None:
+                call.watch()
         except (BudgetExceeded, LedgerError):
-            raise  # refused, or budgets cannot be checked: fail closed, send nothing
+            # Refused, or budgets cannot be checked: fail closed, send nothing, and give
+            # back what the batch's other prompts reserved.
+            if batch is not None:
+                for sibling in _registry.refuse_batch(batch):
+                    sibling.release()
+            raise
         except Exception:
             logger.exception("tokenledger could not start recording a LangChain model call")
         finally:
@@ -478,6 +613,7 @@ class TokenledgerCallbackHandler(BaseCallbackHandler):
         operation: str,
         serialized: dict[str, Any],
         prompt: Any,
+        run_id: UUID,
         parent_run_id: UUID | None,
         metadata: dict[str, Any] | None,
         kwargs: dict[str, Any],
@@ -514,7 +650,14 @@ class TokenledgerCallbackHandler(BaseCallbackHandler):
             if pending.run is not None:
                 pending.run.mark_budget_exceeded()
             raise error
-        return _Call(pending, messages)
+        batch_size = kwargs.get("batch_size")
+        return _Call(
+            pending,
+            messages,
+            run_id,
+            kwargs.get("invocation_params"),
+            batch_size if isinstance(batch_size, int) else 1,
+        )
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
         # Only a stream reports tokens; `stream=` is not in the invocation parameters of
@@ -538,6 +681,8 @@ class TokenledgerCallbackHandler(BaseCallbackHandler):
     ) -> None:
         call = _registry.pop_call(run_id)
         if call is not None:
+            if call.batch is not None and call.batch_size > 1:
+                _registry.sibling_failed(call)
             call.fail(error, response)
 
     # -- what encloses them ----------------------------------------------------------------

@@ -26,8 +26,10 @@ Span shapes recognised (each checked against the instrumentation's own code):
   ``llm.token_count.completion_details.reasoning``.
 
 Input tokens follow the OpenTelemetry convention (cache reads and writes included).
-Logfire's Anthropic spans report Anthropic's own ``input_tokens``, which *excludes* the
-cache; their cache counts are read from Logfire's ``response_data`` and added. Any span
+Older Logfire releases' Anthropic spans report Anthropic's own ``input_tokens``, which
+*excludes* the cache, and keep the cache counts in ``response_data``; the cache is added
+when the reported input equals Anthropic's own count (from ``gen_ai.usage.raw`` or
+``response_data``). Current releases include the cache, as the convention does. Any span
 whose cache counts exceed its input count is read the Anthropic way too.
 
 Only model calls are recorded: agent, tool and chain spans (which may carry usage
@@ -39,8 +41,10 @@ the nested span is the same call, recorded once.
 ``tokenledger``) are never recorded. A foreign span of a call tokenledger also captured
 is recognised by tokenledger's call span, which this processor sees when it is added to
 the provider tokenledger writes to (the global one): the two are the same call when
-they belong to the same run (or, outside runs, the same trace), their time spans
-overlap and their models agree (among several candidates, the closest in time).
+they belong to the same run (or are both outside runs), their time spans overlap and
+their models agree (among several candidates, the closest in time). Outside runs the
+trace cannot tell them apart: tokenledger's span of a call made outside any run starts
+a trace of its own.
 tokenledger emits a call's span when the call finishes, so when tokenledger's capture
 encloses the foreign span (litellm calling the OpenAI SDK, say) the foreign span ends
 first: while a tokenledger capture path is active (litellm capture installed, or a
@@ -72,7 +76,7 @@ from typing import TYPE_CHECKING, Any, Final
 try:
     from opentelemetry import trace
     from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-    from opentelemetry.trace import StatusCode
+    from opentelemetry.trace import SpanKind, StatusCode
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test with sys.modules
     raise ModuleNotFoundError(
         "tokenledger.integrations.otel needs the OpenTelemetry SDK: "
@@ -102,6 +106,7 @@ logger = logging.getLogger("tokenledger")
 # Written by other instrumentations; defined here once, grouped by who writes them.
 _GEN_AI_SYSTEM: Final = "gen_ai.system"  # deprecated for gen_ai.provider.name; still sent
 _GEN_AI_CACHE_CREATION: Final = "gen_ai.usage.cache_creation.input_tokens"  # the spec's name
+_LOGFIRE_USAGE_RAW: Final = "gen_ai.usage.raw"  # Logfire: the provider's usage, as JSON
 # OpenLLMetry, old and new releases
 _OLL_PROMPT_TOKENS: Final = "gen_ai.usage.prompt_tokens"
 _OLL_COMPLETION_TOKENS: Final = "gen_ai.usage.completion_tokens"
@@ -168,7 +173,17 @@ _LITELLM_PROVIDERS: Final = {
 }
 
 _TOLERANCE_NS: Final = 1_000_000  # clocks read a moment apart: 1 ms of slack in nesting
-_MAX_OPEN: Final = 100_000  # spans started and never ended are not tracked past this
+# Spans followed from start to end. Past this the oldest is forgotten: spans started and
+# never ended (a leak in some instrumentation) must not stop calls being recorded.
+_MAX_OPEN: Final = 100_000
+# A span whose start attributes name none of these namespaces (an HTTP or database span)
+# is no model call, unless it is nested in one; an unnamed span may become one.
+_GEN_AI_PREFIXES: Final = ("gen_ai.", "llm.", "openinference.")
+# Kinds a model call made by this process never has.
+_NOT_CALL_KINDS: Final = frozenset({SpanKind.SERVER, SpanKind.CONSUMER, SpanKind.PRODUCER})
+# The key of calls made outside any run. Not their trace: tokenledger's own span of such
+# a call has no parent, so it starts a trace of its own, never the foreign span's.
+_OUTSIDE_RUNS: Final = ("outside runs",)
 
 
 # -- what a span says -------------------------------------------------------------------
@@ -197,7 +212,7 @@ class _Open:
 
     run: Run | None
     ledger: Ledger | None
-    key: Hashable  # run id, or the trace outside runs: where its tokenledger twin lives
+    key: Hashable  # run id, or _OUTSIDE_RUNS: where its tokenledger twin lives
     is_call: bool  # looked like a model call when it started
     outer: _Open | None  # the enclosing span of the same model call, if any
     fallback: _Reading | None = None  # what a nested span of the same call read
@@ -289,6 +304,15 @@ def _looks_like_call(attrs: Mapping[str, Any]) -> bool:
     return has_model and (_OLL_REQUEST_TYPE in attrs or any(k in attrs for k in _USAGE_KEYS))
 
 
+def _may_be_call(span: Span) -> bool:
+    """Could this span, as it starts, turn out to be a model call? Most attributes are
+    set after the start, so only what cannot be one is ruled out."""
+    if span.kind in _NOT_CALL_KINDS:
+        return False
+    attrs = span.attributes or {}
+    return not attrs or any(key.startswith(_GEN_AI_PREFIXES) for key in attrs)
+
+
 def _operation_of(attrs: Mapping[str, Any]) -> str:
     operation = attrs.get(sc.GEN_AI_OPERATION_NAME)
     if operation in (sc.OP_CHAT, sc.OP_TEXT_COMPLETION, sc.OP_EMBEDDINGS):
@@ -310,18 +334,18 @@ def _provider_of(attrs: Mapping[str, Any]) -> str | None:
     return _LITELLM_PROVIDERS.get(name, name)
 
 
-def _logfire_cache(attrs: Mapping[str, Any]) -> tuple[Any, Any]:
-    """Cache counts from the usage Logfire keeps in ``response_data`` (a JSON string)."""
-    raw = attrs.get(_LOGFIRE_RESPONSE_DATA)
-    if not isinstance(raw, str) or "cache" not in raw:
-        return None, None
+def _logfire_usage(attrs: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Anthropic's own usage, as Logfire keeps it: ``gen_ai.usage.raw`` (current
+    releases) or the ``usage`` in ``response_data`` (a JSON string); empty if neither."""
+    raw = attrs.get(_LOGFIRE_USAGE_RAW)
     try:
-        usage = json.loads(raw).get("usage")
+        usage = json.loads(raw) if isinstance(raw, str) else None
+        if not isinstance(usage, dict):
+            data = attrs.get(_LOGFIRE_RESPONSE_DATA)
+            usage = json.loads(data).get("usage") if isinstance(data, str) else None
     except (ValueError, AttributeError):
-        return None, None
-    if not isinstance(usage, dict):
-        return None, None
-    return usage.get("cache_read_input_tokens"), usage.get("cache_creation_input_tokens")
+        usage = None
+    return usage if isinstance(usage, dict) else {}
 
 
 def _usage_of(attrs: Mapping[str, Any], scope: str, provider: str | None) -> TokenUsage | None:
@@ -333,11 +357,16 @@ def _usage_of(attrs: Mapping[str, Any], scope: str, provider: str | None) -> Tok
     cache_write = _first(attrs, _CACHE_WRITE_KEYS)
     exclusive = False
     if scope.startswith("logfire") and provider == "anthropic":
-        # Logfire sets gen_ai.usage.input_tokens to Anthropic's input_tokens, which
-        # leaves the cache out; the cache counts are only in its response_data.
-        exclusive = True
+        # Older Logfire releases set gen_ai.usage.input_tokens to Anthropic's own
+        # input_tokens, which leaves the cache out, and keep the cache counts only in
+        # response_data; current ones report the input with the cache included, as the
+        # convention says. Anthropic's own count tells which.
+        usage = _logfire_usage(attrs)
         if cache_read is None and cache_write is None:
-            cache_read, cache_write = _logfire_cache(attrs)
+            cache_read = usage.get("cache_read_input_tokens")
+            cache_write = usage.get("cache_creation_input_tokens")
+        own_input = usage.get("input_tokens")
+        exclusive = own_input is not None and own_input == input_raw
     try:
         read = _count(cache_read, "cache_read")
         write = _count(cache_write, "cache_write")
@@ -470,11 +499,27 @@ class GenAISpanProcessor(SpanProcessor):
                     above = self._open.get(parent.span_id)
                     if above is not None:
                         outer = above.outer or (above if above.is_call else None)
-                if len(self._open) >= _MAX_OPEN:
+                # Spans inside a call are followed whatever they are: a call nested in
+                # one of them is the same call.
+                if outer is None and not _may_be_call(span):
                     return
+                if len(self._open) >= _MAX_OPEN:
+                    del self._open[next(iter(self._open))]  # the oldest: dicts keep order
+                    self._warn_full()
                 self._open[span_id] = self._entry(span, outer)
         except Exception:
             logger.exception("tokenledger could not follow a span as it started")
+
+    def _warn_full(self) -> None:
+        if "<open spans>" in self._warned:
+            return
+        self._warned.add("<open spans>")
+        logger.warning(
+            "tokenledger is following %d spans that started and never ended; it forgets "
+            "the oldest from now on, and a call among them will not be recorded. An "
+            "instrumentation may be leaking spans.",
+            _MAX_OPEN,
+        )
 
     def _entry(self, span: Span, outer: _Open | None) -> _Open:
         # Runs in the context that creates the span: the current run is known here.
@@ -486,7 +531,7 @@ class GenAISpanProcessor(SpanProcessor):
             run = None  # a run of another ledger: its id means nothing in this one
         if ledger is not None and run is None and not ledger.record_calls_outside_runs:
             ledger = None
-        key: Hashable = run.id if run is not None else ("trace", span.context.trace_id)
+        key: Hashable = run.id if run is not None else _OUTSIDE_RUNS
         return _Open(run, ledger, key, _looks_like_call(span.attributes or {}), outer)
 
     def on_end(self, span: ReadableSpan) -> None:
@@ -550,10 +595,7 @@ class GenAISpanProcessor(SpanProcessor):
     def _saw_captured(self, span: ReadableSpan, attrs: Mapping[str, Any]) -> None:
         """tokenledger's own span of a call it captured: that call is accounted."""
         run_id = attrs.get(sc.TL_RUN_ID)
-        context = span.context
-        key: Hashable = (
-            run_id if isinstance(run_id, str) else ("trace", context.trace_id if context else 0)
-        )
+        key: Hashable = run_id if isinstance(run_id, str) else _OUTSIDE_RUNS
         interval = _Interval(
             key,
             span.start_time or 0,

@@ -12,10 +12,11 @@ reads; claude-sonnet-4-5 is $3 / $15, cache writes $3.75, cache reads $0.30.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any, TypedDict
 
@@ -23,6 +24,7 @@ import httpx
 import openai
 import pytest
 from helpers import calls_of, runs_by_name
+from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnableConfig, RunnableLambda
 from langchain_openai import ChatOpenAI, OpenAI
 from langgraph.graph import END, START, StateGraph
@@ -42,6 +44,7 @@ from wire import (
     json_answer,
     only_call,
     sse_answer,
+    text_completion,
     tokens,
 )
 
@@ -52,7 +55,9 @@ from tokenledger.integrations import openai as tl_openai
 # -- the provider, offline ------------------------------------------------------------
 
 
-def chat_model(server: Server, model: str = "gpt-4o-mini", **options: Any) -> ChatOpenAI:
+def chat_model(
+    server: Callable[[httpx.Request], Any], model: str = "gpt-4o-mini", **options: Any
+) -> ChatOpenAI:
     """langchain-openai's chat model on the offline server (sync and async clients)."""
     return ChatOpenAI(
         model=model,
@@ -61,6 +66,16 @@ def chat_model(server: Server, model: str = "gpt-4o-mini", **options: Any) -> Ch
         http_client=httpx.Client(transport=httpx.MockTransport(server)),
         http_async_client=httpx.AsyncClient(transport=httpx.MockTransport(server)),
         **options,
+    )
+
+
+def text_model(server: Server) -> OpenAI:
+    """langchain-openai's text completion model (the legacy Completions API), offline."""
+    return OpenAI(
+        model="gpt-3.5-turbo-instruct",
+        api_key="sk-test",  # type: ignore[arg-type]
+        max_retries=0,
+        http_client=httpx.Client(transport=httpx.MockTransport(server)),
     )
 
 
@@ -196,23 +211,9 @@ def test_a_text_completion_model_is_recorded_from_its_token_usage(
 ) -> None:
     """langchain-openai's `OpenAI` LLM calls the legacy Completions API, which the OpenAI
     integration does not record: the handler does, even with that integration on."""
-    completion = {
-        "id": "cmpl-1",
-        "object": "text_completion",
-        "created": 1_700_000_000,
-        "model": "gpt-3.5-turbo-instruct",
-        "choices": [
-            {"text": "Printer jam.", "index": 0, "logprobs": None, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200},
-    }
-    server = Server(json_answer(completion))
-    llm = OpenAI(
-        model="gpt-3.5-turbo-instruct",
-        api_key="sk-test",  # type: ignore[arg-type]
-        max_retries=0,
-        http_client=httpx.Client(transport=httpx.MockTransport(server)),
-    )
+    usage = {"prompt_tokens": 1000, "completion_tokens": 200, "total_tokens": 1200}
+    server = Server(json_answer(text_completion("Printer jam.", usage=usage)))
+    llm = text_model(server)
     with ledger.run("triage") as run:
         assert "Printer jam." == llm.invoke(PROMPT)
     call = only_call(ledger)
@@ -226,6 +227,26 @@ def test_a_text_completion_model_is_recorded_from_its_token_usage(
     # 1000 x $1.50/M + 200 x $2/M = $0.0015 + $0.0004
     assert Decimal("0.0019") == call["cost_usd"]
     assert "text_completion" == call_attributes(span_exporter)["gen_ai.operation.name"]
+
+
+@pytest.mark.usefixtures("instrumented")
+def test_a_text_completion_batch_is_counted_once_on_its_first_prompt(ledger: Ledger) -> None:
+    """``generate`` with three prompts sends one request; LangChain reports three calls,
+    the batch's usage on the first and an empty usage on the others
+    (`LLMResult.flatten`). The others are recorded at zero tokens, not estimated."""
+    usage = {"prompt_tokens": 300, "completion_tokens": 30, "total_tokens": 330}
+    server = Server(json_answer(text_completion("one", "two", "three", usage=usage)))
+    with ledger.run("triage") as run:
+        text_model(server).generate(["Ticket one?", "Ticket two?", "Ticket three?"])
+    assert 1 == len(server.requests)
+    ledger.flush()
+    rows = sorted(
+        (call["input_tokens"], call["output_tokens"], call["usage_estimated"])
+        for call in calls_of(ledger)
+    )
+    assert [(0, 0, False), (0, 0, False), (300, 30, False)] == rows
+    # 300 x $1.50/M + 30 x $2/M, once
+    assert Decimal("0.00051") == run.cost_usd
 
 
 # -- streams ----------------------------------------------------------------------------
@@ -366,6 +387,63 @@ async def test_an_async_http_error_is_recorded(
     assert ("error", "OpenAIRateLimitError") == (call["status"], call["error_type"])
 
 
+async def test_a_call_cancelled_in_flight_is_recorded_as_abandoned_when_its_run_ends(
+    ledger: Ledger, instrumented: tl_langchain.TokenledgerCallbackHandler
+) -> None:
+    """``asyncio.wait_for`` timing out cancels the request and LangChain reports no end
+    for it. The run's end records it, the prompt counted (estimated), and gives its
+    budget reservation back."""
+    # The reservation (~14 prompt tokens and max_tokens=1000 at gpt-4o-mini's prices,
+    # ~$0.0006) fits $0.001 once: held forever, it would refuse the next call.
+    ledger.set_budget("agent:triage", usd="0.001", per="day")
+    sent = asyncio.Event()
+
+    async def never_answers(request: httpx.Request) -> httpx.Response:
+        sent.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("cancelled before")
+
+    model = chat_model(never_answers, max_tokens=1000)
+    async with ledger.run("triage"):
+        request = asyncio.ensure_future(model.ainvoke(PROMPT))
+        await asyncio.wait_for(sent.wait(), 30)  # in flight: reserved, and sent
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(request, 0.1)
+    call = only_call(ledger)
+    prompt = counted("gpt-4o-mini", messages=MESSAGES)
+    assert ("abandoned", True, prompt, 0) == (
+        call["status"],
+        call["usage_estimated"],
+        call["input_tokens"],
+        call["output_tokens"],
+    )
+    assert gpt_4o_mini_cost(prompt, 0) == call["cost_usd"]
+    server = Server(json_answer(chat_completion()))
+    async with ledger.run("triage"):
+        await chat_model(server, max_tokens=1000).ainvoke(PROMPT)
+    assert 1 == len(server.requests)
+
+
+@pytest.mark.usefixtures("instrumented")
+def test_a_batch_that_fails_midway_records_what_was_sent(ledger: Ledger) -> None:
+    """A synchronous ``generate`` stops at the first prompt that fails and drops the
+    results before it: the first prompt, sent and paid, is recorded as abandoned when
+    the run ends (its prompt counted: its usage is lost); the third, never sent, is not
+    recorded and its reservation is given back."""
+    error = {"error": {"message": "The server had an error.", "type": "server_error"}}
+    server = Server(json_answer(chat_completion()), json_answer(error, status=500))
+    batch = [[HumanMessage(PROMPT)], [HumanMessage(PROMPT)], [HumanMessage(PROMPT)]]
+    with pytest.raises(openai.InternalServerError), ledger.run("triage"):
+        chat_model(server).generate(batch)
+    assert 2 == len(server.requests)
+    ledger.flush()
+    rows = sorted(
+        (call["status"], call["input_tokens"], call["usage_estimated"]) for call in calls_of(ledger)
+    )
+    prompt = counted("gpt-4o-mini", messages=MESSAGES)
+    assert [("abandoned", prompt, True), ("error", 0, False)] == rows
+
+
 # -- budgets ----------------------------------------------------------------------------
 
 
@@ -398,6 +476,26 @@ async def test_an_async_budget_refusal_sends_no_request(
     assert [] == server.requests
     ledger.flush()
     assert [] == calls_of(ledger)
+
+
+@pytest.mark.usefixtures("instrumented")
+def test_a_batch_refused_at_its_second_prompt_gives_back_the_first_ones_reservation(
+    ledger: Ledger,
+) -> None:
+    """Each prompt of ``generate([m1, m2])`` reserves before anything is sent; when m2
+    is refused, nothing of the batch is sent, recorded or held."""
+    # One reservation (~$0.0006: max_tokens=1000) fits $0.001; two do not.
+    ledger.set_budget("agent:triage", usd="0.001", per="day")
+    server = Server(json_answer(chat_completion()))
+    model = chat_model(server, max_tokens=1000)
+    with pytest.raises(BudgetExceeded), ledger.run("triage"):
+        model.generate([[HumanMessage(PROMPT)], [HumanMessage(PROMPT)]])
+    assert [] == server.requests
+    ledger.flush()
+    assert [] == calls_of(ledger)
+    with ledger.run("triage"):
+        model.invoke(PROMPT)
+    assert 1 == len(server.requests)
 
 
 @pytest.mark.usefixtures("instrumented")

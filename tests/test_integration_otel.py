@@ -37,7 +37,7 @@ from helpers import calls_of
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from wire import (
     CACHED_COST,
     MESSAGES,
@@ -53,6 +53,7 @@ from wire import (
 
 from tokenledger import Ledger
 from tokenledger.integrations import openai as tl_openai
+from tokenledger.integrations import otel
 from tokenledger.integrations.otel import GenAISpanProcessor, instrument
 from tokenledger.pricing import UnpricedModelWarning
 
@@ -300,6 +301,25 @@ def test_a_call_tokenledger_captured_is_not_counted_again(
     assert (CACHED_COST, run.id) == (row["cost_usd"], row["run_id"])
 
 
+@pytest.mark.parametrize(
+    "order",
+    [(tokenledger_openai, openllmetry), (openllmetry, tokenledger_openai)],
+    ids=["openllmetry-outside-tokenledger", "openllmetry-inside-tokenledger"],
+)
+def test_a_call_tokenledger_captured_outside_runs_is_not_counted_again(
+    ledger: Ledger,
+    processor: GenAISpanProcessor,
+    patch: Callable[..., None],
+    order: tuple[Callable[[], Callable[[], None]], ...],
+) -> None:
+    """With no run, tokenledger's span of the call starts a trace of its own: the
+    foreign span is still recognised as the same call (same time, same model)."""
+    patch(*order)
+    chat(sync_client(answer))
+    row = only_call(ledger, processor)
+    assert (CACHED_COST, None) == (row["cost_usd"], row["run_id"])
+
+
 def test_openinference_inside_tokenledger_capture_is_not_counted_again(
     ledger: Ledger, processor: GenAISpanProcessor, patch: Callable[..., None]
 ) -> None:
@@ -428,6 +448,34 @@ def test_a_logfire_anthropic_span_counts_the_cache_anthropic_leaves_out_of_input
     assert Decimal("0.004335") == call["cost_usd"]
 
 
+def test_a_current_logfire_anthropic_span_already_counts_the_cache_in_input(
+    ledger: Ledger, processor: GenAISpanProcessor
+) -> None:
+    """Current Logfire reports the input with the cache included, the cache counts as
+    the convention's attributes and Anthropic's own usage in ``gen_ai.usage.raw``:
+    200 input + 1000 cache read = 1200, not counted twice."""
+    usage = {"input_tokens": 200, "cache_read_input_tokens": 1000, "output_tokens": 10}
+    with ledger.run("triage"):
+        logfire_span(
+            "logfire.anthropic",
+            {
+                "gen_ai.system": "anthropic",
+                "gen_ai.provider.name": "anthropic",
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": "claude-sonnet-4-5",
+                "gen_ai.response.model": "claude-sonnet-4-5-20250929",
+                "gen_ai.usage.input_tokens": 1200,
+                "gen_ai.usage.cache_read.input_tokens": 1000,
+                "gen_ai.usage.output_tokens": 10,
+                "gen_ai.usage.raw": json.dumps(usage),
+            },
+        )
+    call = only_call(ledger, processor)
+    assert (1200, 1000, 0, 10, 0) == tokens(call)
+    # 200 x $3/M + 1000 x $0.30/M + 10 x $15/M = $0.0006 + $0.0003 + $0.00015
+    assert Decimal("0.00105") == call["cost_usd"]
+
+
 def test_semconv_cache_attributes_are_part_of_the_input(
     ledger: Ledger, processor: GenAISpanProcessor
 ) -> None:
@@ -486,6 +534,56 @@ def test_spans_that_are_not_one_model_call_are_ignored(
     processor.force_flush()
     ledger.flush()
     assert [] == calls_of(ledger)
+
+
+def test_spans_that_cannot_be_model_calls_are_not_followed(
+    ledger: Ledger,
+    processor: GenAISpanProcessor,
+    patch: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Server spans and spans of other instrumentations (HTTP, databases) never fill
+    what the processor follows, even when they never end."""
+    monkeypatch.setattr(otel, "_MAX_OPEN", 10)
+    tracer = global_provider().get_tracer("some.web.framework")
+    leaked = [tracer.start_span("GET /tickets", kind=SpanKind.SERVER) for _ in range(10)]
+    leaked += [
+        tracer.start_span("SELECT", kind=SpanKind.CLIENT, attributes={"db.system": "postgresql"})
+        for _ in range(10)
+    ]
+    patch(openllmetry)
+    with ledger.run("triage") as run:
+        chat(sync_client(answer))
+    assert run.id == only_call(ledger, processor)["run_id"]
+    assert "never ended" not in caplog.text
+    for span in leaked:
+        span.end()
+
+
+def test_when_too_many_spans_never_end_the_oldest_is_forgotten(
+    ledger: Ledger,
+    processor: GenAISpanProcessor,
+    patch: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Spans that may be calls and never end make room for new ones, with one warning:
+    calls are still recorded."""
+    monkeypatch.setattr(otel, "_MAX_OPEN", 10)
+    tracer = global_provider().get_tracer("some.instrumentation")
+    leaked = [tracer.start_span("long-lived") for _ in range(20)]
+    patch(openllmetry)
+    with ledger.run("triage") as run:
+        chat(sync_client(answer))
+        chat(sync_client(answer))
+    ledger.flush()
+    processor.force_flush()
+    ledger.flush()
+    assert [run.id, run.id] == [c["run_id"] for c in calls_of(ledger)]
+    assert 1 == caplog.text.count("never ended")
+    for span in leaked:
+        span.end()
 
 
 @pytest.mark.parametrize("bad", [-5, 2_000_000_000, "lots", 1.5])

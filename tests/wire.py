@@ -78,6 +78,22 @@ def chat_completion(
     }
 
 
+def text_completion(*texts: str, usage: dict[str, Any]) -> dict[str, Any]:
+    """The legacy Completions API's answer: one choice per prompt sent, one usage for
+    them all."""
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1_700_000_000,
+        "model": "gpt-3.5-turbo-instruct",
+        "choices": [
+            {"text": text, "index": index, "logprobs": None, "finish_reason": "stop"}
+            for index, text in enumerate(texts)
+        ],
+        "usage": usage,
+    }
+
+
 def sse(*events: dict[str, Any] | str, named: bool = False) -> bytes:
     """Server-sent events: ``data: {...}`` blocks, with ``event:`` lines when ``named``
     (the Responses API and Anthropic name theirs after the event's type)."""
