@@ -539,7 +539,12 @@ class Ledger:
         if run is None:
             return
         with self._streams_lock:
-            self._open_streams.setdefault(run.id, []).append(pending)
+            open_calls = self._open_streams.setdefault(run.id, [])
+            if len(open_calls) >= 64 and not len(open_calls) & (len(open_calls) - 1):
+                # A long run with many watched calls: drop the finished ones whenever
+                # the list doubles, so memory follows what is open, not what was.
+                open_calls[:] = [p for p in open_calls if not p.done]
+            open_calls.append(pending)
 
     def _run_started(self, run: Run) -> None:
         self._writer.put_run(run.snapshot())
