@@ -443,10 +443,15 @@ def _capture_may_run() -> bool:
     """Could tokenledger itself be capturing calls in this process right now?"""
     if _capture.installed():
         return True
-    return any(
-        name.startswith("tokenledger.integrations.") and name != __name__
-        for name in tuple(sys.modules)
-    )
+    return any(name in sys.modules for name in _CAPTURING_INTEGRATIONS)
+
+
+# The integrations that record calls themselves (through begin_call): looked up by name,
+# not by scanning sys.modules on every span that ends.
+_CAPTURING_INTEGRATIONS: Final = tuple(
+    f"tokenledger.integrations.{name}"
+    for name in ("openai", "anthropic", "langchain", "openai_agents")
+)
 
 
 # -- the processor ----------------------------------------------------------------------
