@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,34 @@ from typing import Any
 from tokenledger.ledger import Ledger
 
 __all__ = ["mock_response", "temporary_ledger"]
+
+# pydantic builds litellm's response models lazily, on their first instantiation, and
+# that build is not thread-safe: threads constructing the first `Message` at once can
+# fail with "type object 'Message' has no attribute '__pydantic_core_schema__'" (seen in
+# CI with 4 threads). The models are therefore built once, under a lock, before use.
+_models_lock = threading.Lock()
+_models_built = False
+
+
+def _build_models_once() -> None:
+    global _models_built
+    if _models_built:
+        return
+    with _models_lock:
+        if not _models_built:
+            import litellm
+            from litellm.types.utils import CompletionTokensDetailsWrapper, Usage
+
+            litellm.ModelResponse(
+                choices=[{"index": 0, "message": {"role": "assistant", "content": ""}}]
+            )
+            Usage(
+                prompt_tokens=1,
+                completion_tokens=1,
+                total_tokens=2,
+                completion_tokens_details=CompletionTokensDetailsWrapper(reasoning_tokens=1),
+            )
+            _models_built = True
 
 
 @contextlib.contextmanager
@@ -52,6 +81,7 @@ def mock_response(
     convention); ``cached_tokens`` are cache reads and ``cache_creation_tokens`` cache
     writes, both part of ``prompt_tokens``. Imports litellm.
     """
+    _build_models_once()
     import litellm
     from litellm.types.utils import CompletionTokensDetailsWrapper, Usage
 
