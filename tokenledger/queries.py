@@ -909,7 +909,19 @@ def _run_totals(
     running_roots = _root_filter(
         sa.select(r.c.id).where(r.c.status == _RUNNING), agent=agent, start=start, end=end
     )
-    if connection.execute(running_roots.limit(1)).first() is None:
+    # The same question, written so that SQLite answers it from the partial index on
+    # running runs: given ``parent_id IS NULL`` it picks the index on parent_id instead
+    # (its statistics cannot tell that nearly every run is a root) and walks every root
+    # run, 25 ms at a million calls. ``parent_id || ''`` is NULL exactly when parent_id
+    # is, and no index offers it.
+    probe = _root_filter(
+        sa.select(r.c.id).where(r.c.status == _RUNNING),
+        agent=agent,
+        start=start,
+        end=end,
+        root=(r.c.parent_id + "").is_(None),
+    )
+    if connection.execute(probe.limit(1)).first() is None:
         return r, {name: r.c[name] for name in _FIGURES}
     live = (
         sa.select(c.c.root_run_id.label("root_id"), *_sums(c))
@@ -932,9 +944,11 @@ def _root_filter(
     agent: str | None,
     start: dt.datetime | None,
     end: dt.datetime | None,
+    root: sa.ColumnElement[bool] | None = None,
 ) -> sa.Select[Any]:
+    """``query`` limited to root runs (``root``: the condition that says so) of ``agent``."""
     r = runs_table
-    query = query.where(r.c.parent_id.is_(None))
+    query = query.where(r.c.parent_id.is_(None) if root is None else root)
     if agent is not None:
         query = query.where(r.c.name == agent)
     if start is not None:
@@ -1029,25 +1043,45 @@ def _outcome_figures(
         aggregates = aggregates.group_by(r.c.name)
     cost = figures["cost_usd"]
     sqlite = engine.dialect.name == "sqlite"
-    # Plain types, not Money: no per-row conversion (psycopg already gives Decimals).
-    raw_cost = sa.type_coerce(cost, sa.Float() if sqlite else sa.Numeric())
-    costs_query = _root_filter(
-        sa.select(name.label("name"), raw_cost.label("cost")).select_from(from_clause),
-        agent=agent,
-        start=start,
-        end=end,
-    )
+    if not sqlite:
+        # percentile_disc(f) is the value at 1-based rank ceil(f * n) of the sorted costs:
+        # the nearest rank. PostgreSQL computes f * n in float8, and for 50, 90 and 99 %
+        # ceil of it equals the integer ceil(pct * n / 100) for every n up to 2 * 10^8
+        # (checked exhaustively). Sorting in the server saves fetching one Decimal per
+        # run: at a million calls that fetch and sort took two thirds of the time.
+        aggregates = aggregates.add_columns(
+            *(
+                sa.func.percentile_disc(percentile / 100).within_group(cost).label(f"p{percentile}")
+                for percentile in PERCENTILES
+            )
+        )
     costs: dict[str | None, list[Any]] = {}
     found = [row for row in connection.execute(aggregates) if row.runs]
-    for row_name, amount in _raw_rows(connection, costs_query):
-        costs.setdefault(row_name, []).append(amount)
+    if sqlite:
+        # SQLite has no percentile aggregate (and a window function over the runs is
+        # slower than this): fetch the costs as the stored floats, sort them here.
+        costs_query = _root_filter(
+            sa.select(
+                name.label("name"), sa.type_coerce(cost, sa.Float()).label("cost")
+            ).select_from(from_clause),
+            agent=agent,
+            start=start,
+            end=end,
+        )
+        for row_name, amount in _raw_rows(connection, costs_query):
+            costs.setdefault(row_name, []).append(amount)
 
     def exact(amount: Any) -> Decimal:
         return _money(repr(amount) if isinstance(amount, float) else amount)
 
+    def percentile_of(row: Any, percentile: int) -> Decimal:
+        if sqlite:
+            return exact(nearest_rank(ranked, percentile))
+        return exact(row._mapping[f"p{percentile}"])
+
     results = []
     for row in found:
-        ranked = sorted(costs[row.name])
+        ranked = sorted(costs[row.name]) if sqlite else []
         count, successes = int(row.runs), int(row.successes)
         total_cost = _money(row.cost)
         value = _money(row.value) if row.valued else None
@@ -1063,9 +1097,9 @@ def _outcome_figures(
                 total_cost_usd=total_cost,
                 cost_per_success_usd=_per(total_cost, successes) if successes else None,
                 mean_cost_per_run_usd=_per(total_cost, count),
-                p50_cost_per_run_usd=exact(nearest_rank(ranked, 50)),
-                p90_cost_per_run_usd=exact(nearest_rank(ranked, 90)),
-                p99_cost_per_run_usd=exact(nearest_rank(ranked, 99)),
+                p50_cost_per_run_usd=percentile_of(row, 50),
+                p90_cost_per_run_usd=percentile_of(row, 90),
+                p99_cost_per_run_usd=percentile_of(row, 99),
                 mean_tokens_per_run=_ratio(int(row.tokens), count),
                 mean_calls_per_run=_ratio(int(row.calls), count),
                 outcome_value_usd=value,
