@@ -589,7 +589,7 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
         attempt_model = logging_obj.model_call_details.get("model")
         if isinstance(attempt_model, str):
             pending.call.requested_model = attempt_model
-    raw_usage = getattr(result, "usage", None)
+    raw_usage = _pydantic_extra(result, "usage")
     usage: TokenUsage | None
     estimated = False
     try:
@@ -597,7 +597,7 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
     except UsageError as exc:
         logger.warning("tokenledger recorded a call with unknown usage: %s", exc)
         usage, estimated = None, True
-    hidden = getattr(result, "_hidden_params", None) or {}
+    hidden = _pydantic_private(result, "_hidden_params") or {}
     if pending.provider is None:
         pending.provider = hidden.get("custom_llm_provider") or (
             logging_obj.model_call_details.get("custom_llm_provider")
@@ -618,10 +618,36 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
     )
 
 
-def _stream_bases() -> tuple[type, ...]:
-    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+def _pydantic_extra(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)`` for a field litellm keeps outside the model's declared
+    fields (``usage`` on a ``ModelResponse``): read from ``__pydantic_extra__`` directly,
+    since pydantic's ``__getattr__`` fallback costs over a microsecond per read."""
+    extra = getattr(obj, "__pydantic_extra__", None)
+    if type(extra) is dict and name in extra:
+        return extra[name]
+    return getattr(obj, name, None)
 
-    return (CustomStreamWrapper,)
+
+def _pydantic_private(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)`` for a pydantic private attribute (``_hidden_params``),
+    read from ``__pydantic_private__`` directly for the same reason."""
+    private = getattr(obj, "__pydantic_private__", None)
+    if type(private) is dict and name in private:
+        return private[name]
+    return getattr(obj, name, None)
+
+
+_stream_classes: tuple[type, ...] | None = None
+
+
+def _stream_bases() -> tuple[type, ...]:
+    # Looked up once: an import statement on every call costs a few microseconds.
+    global _stream_classes
+    if _stream_classes is None:
+        from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+        _stream_classes = (CustomStreamWrapper,)
+    return _stream_classes
 
 
 def _stream_usage(stream: Any) -> tuple[TokenUsage | None, bool]:
