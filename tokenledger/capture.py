@@ -620,20 +620,24 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
 
 def _pydantic_extra(obj: Any, name: str) -> Any:
     """``getattr(obj, name, None)`` for a field litellm keeps outside the model's declared
-    fields (``usage`` on a ``ModelResponse``): read from ``__pydantic_extra__`` directly,
-    since pydantic's ``__getattr__`` fallback costs over a microsecond per read."""
-    extra = getattr(obj, "__pydantic_extra__", None)
-    if type(extra) is dict and name in extra:
-        return extra[name]
-    return getattr(obj, name, None)
+    fields (``usage`` on a ``ModelResponse``), without pydantic's ``__getattr__`` fallback,
+    which costs over a microsecond per read. The instance ``__dict__`` is looked at first,
+    as attribute lookup does: a value set with ``object.__setattr__`` lives there."""
+    return _pydantic_stored(obj, name, "__pydantic_extra__")
 
 
 def _pydantic_private(obj: Any, name: str) -> Any:
-    """``getattr(obj, name, None)`` for a pydantic private attribute (``_hidden_params``),
-    read from ``__pydantic_private__`` directly for the same reason."""
-    private = getattr(obj, "__pydantic_private__", None)
-    if type(private) is dict and name in private:
-        return private[name]
+    """The same for a pydantic private attribute (``_hidden_params``)."""
+    return _pydantic_stored(obj, name, "__pydantic_private__")
+
+
+def _pydantic_stored(obj: Any, name: str, store: str) -> Any:
+    fields = getattr(obj, "__dict__", None)
+    if type(fields) is dict and name in fields:
+        return fields[name]
+    stored = getattr(obj, store, None)
+    if type(stored) is dict and name in stored:
+        return stored[name]
     return getattr(obj, name, None)
 
 
