@@ -589,7 +589,7 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
         attempt_model = logging_obj.model_call_details.get("model")
         if isinstance(attempt_model, str):
             pending.call.requested_model = attempt_model
-    raw_usage = _pydantic_extra(result, "usage")
+    raw_usage = _model_attr(result, "usage")
     usage: TokenUsage | None
     estimated = False
     try:
@@ -597,7 +597,7 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
     except UsageError as exc:
         logger.warning("tokenledger recorded a call with unknown usage: %s", exc)
         usage, estimated = None, True
-    hidden = _pydantic_private(result, "_hidden_params") or {}
+    hidden = _model_attr(result, "_hidden_params") or {}
     if pending.provider is None:
         pending.provider = hidden.get("custom_llm_provider") or (
             logging_obj.model_call_details.get("custom_llm_provider")
@@ -618,26 +618,20 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
     )
 
 
-def _pydantic_extra(obj: Any, name: str) -> Any:
-    """``getattr(obj, name, None)`` for a field litellm keeps outside the model's declared
-    fields (``usage`` on a ``ModelResponse``), without pydantic's ``__getattr__`` fallback,
-    which costs over a microsecond per read. The instance ``__dict__`` is looked at first,
-    as attribute lookup does: a value set with ``object.__setattr__`` lives there."""
-    return _pydantic_stored(obj, name, "__pydantic_extra__")
-
-
-def _pydantic_private(obj: Any, name: str) -> Any:
-    """The same for a pydantic private attribute (``_hidden_params``)."""
-    return _pydantic_stored(obj, name, "__pydantic_private__")
-
-
-def _pydantic_stored(obj: Any, name: str, store: str) -> Any:
-    fields = getattr(obj, "__dict__", None)
-    if type(fields) is dict and name in fields:
-        return fields[name]
-    stored = getattr(obj, store, None)
-    if type(stored) is dict and name in stored:
-        return stored[name]
+def _model_attr(obj: Any, name: str) -> Any:
+    """``getattr(obj, name, None)`` for a litellm response, without pydantic's
+    ``__getattr__`` fallback, which costs over a microsecond per read of a field kept
+    outside the declared ones (``usage``) or of a private attribute (``_hidden_params``).
+    The instance ``__dict__`` comes first, as in attribute lookup: a value set with
+    ``object.__setattr__`` lives there. (`tokenledger.usage` reads usage objects the
+    same way.)"""
+    for store in (
+        getattr(obj, "__dict__", None),
+        getattr(obj, "__pydantic_extra__", None),
+        getattr(obj, "__pydantic_private__", None),
+    ):
+        if type(store) is dict and name in store:
+            return store[name]
     return getattr(obj, name, None)
 
 

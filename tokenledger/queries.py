@@ -906,14 +906,11 @@ def _run_totals(
     common case reads the runs table alone. Sub-agent runs keep their stored totals.
     """
     c, r = calls_table, runs_table
-    running_roots = _root_filter(
-        sa.select(r.c.id).where(r.c.status == _RUNNING), agent=agent, start=start, end=end
-    )
-    # The same question, written so that SQLite answers it from the partial index on
-    # running runs: given ``parent_id IS NULL`` it picks the index on parent_id instead
-    # (its statistics cannot tell that nearly every run is a root) and walks every root
-    # run, 25 ms at a million calls. ``parent_id || ''`` is NULL exactly when parent_id
-    # is, and no index offers it.
+    # Is any root run in the window running? Written so that SQLite answers it from the
+    # partial index on running runs: given ``parent_id IS NULL`` it picks the index on
+    # parent_id instead (its statistics cannot tell that nearly every run is a root) and
+    # walks every root run, 25 ms at a million calls. ``parent_id || ''`` is NULL
+    # exactly when parent_id is, and no index offers it.
     probe = _root_filter(
         sa.select(r.c.id).where(r.c.status == _RUNNING),
         agent=agent,
@@ -923,6 +920,9 @@ def _run_totals(
     )
     if connection.execute(probe.limit(1)).first() is None:
         return r, {name: r.c[name] for name in _FIGURES}
+    running_roots = _root_filter(
+        sa.select(r.c.id).where(r.c.status == _RUNNING), agent=agent, start=start, end=end
+    )
     live = (
         sa.select(c.c.root_run_id.label("root_id"), *_sums(c))
         .where(c.c.root_run_id.in_(running_roots))
@@ -1074,14 +1074,13 @@ def _outcome_figures(
     def exact(amount: Any) -> Decimal:
         return _money(repr(amount) if isinstance(amount, float) else amount)
 
-    def percentile_of(row: Any, percentile: int) -> Decimal:
-        if sqlite:
-            return exact(nearest_rank(ranked, percentile))
-        return exact(row._mapping[f"p{percentile}"])
-
     results = []
     for row in found:
-        ranked = sorted(costs[row.name]) if sqlite else []
+        if sqlite:
+            ranked = sorted(costs[row.name])
+            p50, p90, p99 = (exact(nearest_rank(ranked, pct)) for pct in PERCENTILES)
+        else:
+            p50, p90, p99 = (exact(row._mapping[f"p{pct}"]) for pct in PERCENTILES)
         count, successes = int(row.runs), int(row.successes)
         total_cost = _money(row.cost)
         value = _money(row.value) if row.valued else None
@@ -1097,9 +1096,9 @@ def _outcome_figures(
                 total_cost_usd=total_cost,
                 cost_per_success_usd=_per(total_cost, successes) if successes else None,
                 mean_cost_per_run_usd=_per(total_cost, count),
-                p50_cost_per_run_usd=percentile_of(row, 50),
-                p90_cost_per_run_usd=percentile_of(row, 90),
-                p99_cost_per_run_usd=percentile_of(row, 99),
+                p50_cost_per_run_usd=p50,
+                p90_cost_per_run_usd=p90,
+                p99_cost_per_run_usd=p99,
                 mean_tokens_per_run=_ratio(int(row.tokens), count),
                 mean_calls_per_run=_ratio(int(row.calls), count),
                 outcome_value_usd=value,

@@ -27,30 +27,8 @@ __all__ = ["mock_response", "temporary_ledger"]
 # pydantic builds litellm's response models lazily, on their first instantiation, and
 # that build is not thread-safe: threads constructing the first `Message` at once can
 # fail with "type object 'Message' has no attribute '__pydantic_core_schema__'" (seen in
-# CI with 4 threads). The models are therefore built once, under a lock, before use.
-_models_lock = threading.Lock()
-_models_built = False
-
-
-def _build_models_once() -> None:
-    global _models_built
-    if _models_built:
-        return
-    with _models_lock:
-        if not _models_built:
-            import litellm
-            from litellm.types.utils import CompletionTokensDetailsWrapper, Usage
-
-            litellm.ModelResponse(
-                choices=[{"index": 0, "message": {"role": "assistant", "content": ""}}]
-            )
-            Usage(
-                prompt_tokens=1,
-                completion_tokens=1,
-                total_tokens=2,
-                completion_tokens_details=CompletionTokensDetailsWrapper(reasoning_tokens=1),
-            )
-            _models_built = True
+# CI with 4 threads). Responses are therefore built under a lock.
+_build_lock = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -81,7 +59,6 @@ def mock_response(
     convention); ``cached_tokens`` are cache reads and ``cache_creation_tokens`` cache
     writes, both part of ``prompt_tokens``. Imports litellm.
     """
-    _build_models_once()
     import litellm
     from litellm.types.utils import CompletionTokensDetailsWrapper, Usage
 
@@ -90,24 +67,27 @@ def mock_response(
         extra["cache_read_input_tokens"] = cached_tokens
     if cache_creation_tokens:
         extra["cache_creation_input_tokens"] = cache_creation_tokens
-    usage = Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-        completion_tokens_details=CompletionTokensDetailsWrapper(reasoning_tokens=reasoning_tokens)
-        if reasoning_tokens
-        else None,
-        **extra,
-    )
-    response = litellm.ModelResponse(
-        model=model,
-        choices=[
-            {
-                "index": 0,
-                "finish_reason": finish_reason,
-                "message": {"role": "assistant", "content": content},
-            }
-        ],
-    )
+    with _build_lock:
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            completion_tokens_details=CompletionTokensDetailsWrapper(
+                reasoning_tokens=reasoning_tokens
+            )
+            if reasoning_tokens
+            else None,
+            **extra,
+        )
+        response = litellm.ModelResponse(
+            model=model,
+            choices=[
+                {
+                    "index": 0,
+                    "finish_reason": finish_reason,
+                    "message": {"role": "assistant", "content": content},
+                }
+            ],
+        )
     response.usage = usage
     return response
