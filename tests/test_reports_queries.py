@@ -269,6 +269,65 @@ def test_nearest_rank_of_the_hand_computed_costs() -> None:
     assert [D(50), D(90), D(99), D(100)] == [nearest_rank(hundred, p) for p in (50, 90, 99, 100)]
 
 
+def test_percentiles_read_from_the_cost_index_match_the_hand_computed_ranks(
+    ledger: Ledger,
+) -> None:
+    """Over an agent's whole history SQLite reads each percentile at its rank in the
+    ix_runs_root_cost index; a window fetches and sorts the costs. Both must give the
+    nearest rank of the root runs' costs, sub-agent runs of the same name excluded.
+
+    support: 40 root runs costing 0.001 x i (alpha, 1000 x i input tokens) for i = 40..1,
+    written out of order, run 7 also holding a "support" sub-agent costing 0.5 (so the
+    root costs 0.507 and the sub-agent is not a root run). Sorted: 0.001 .. 0.040 without
+    0.007, then 0.507. p50 = rank 20 = 0.021, p90 = rank 36 = 0.037, p99 = rank 40 = 0.507.
+    billing: 3 root runs of 0.002, 0.004, 0.006: p50 = rank 2 = 0.004, p90 = p99 = 0.006.
+    """
+    for i in [*range(40, 0, -2), *range(1, 41, 2)]:
+        with ledger.run("support"):
+            ledger.record_call("alpha", input_tokens=1000 * i)
+            if i == 7:
+                with ledger.run("support"):
+                    ledger.record_call("alpha", input_tokens=500_000)
+    for i in (3, 1, 2):
+        with ledger.run("billing"):
+            ledger.record_call("alpha", input_tokens=2000 * i)
+    assert ledger.flush()
+    support = (D("0.021"), D("0.037"), D("0.507"))
+    billing = (D("0.004"), D("0.006"), D("0.006"))
+
+    def percentiles(result: OutcomeEconomics) -> tuple[Decimal, ...]:
+        return (
+            result.p50_cost_per_run_usd,
+            result.p90_cost_per_run_usd,
+            result.p99_cost_per_run_usd,
+        )
+
+    whole = cost_per_outcome(ledger.engine, agent="support")
+    windowed = cost_per_outcome(ledger.engine, agent="support", since="1h")
+    assert (40, support) == (whole.runs, percentiles(whole))
+    assert support == percentiles(windowed)
+    by_agent = cost_per_outcome_by_agent(ledger.engine)
+    assert [("support", support), ("billing", billing)] == [
+        (row.agent, percentiles(row)) for row in by_agent
+    ]
+    assert by_agent == cost_per_outcome_by_agent(ledger.engine, since="1h")
+    # All agents pooled: 43 runs. Up to 0.006 there are 9 (support's 6, billing's 3),
+    # so support's 0.00k for k >= 8 is at rank k + 2: p50 = rank 22 = 0.020, p90 =
+    # rank 39 = 0.037, p99 = rank 43 = 0.507.
+    pooled = cost_per_outcome(ledger.engine)
+    assert (43, (D("0.020"), D("0.037"), D("0.507"))) == (pooled.runs, percentiles(pooled))
+
+
+def test_a_percentile_rank_past_the_runs_there_are_is_read_as_missing(ledger: Ledger) -> None:
+    """Runs purged between the count and the rank read: the caller falls back to fetching."""
+    with ledger.run("support"):
+        ledger.record_call("alpha", input_tokens=1000)
+    assert ledger.flush()
+    with ledger.engine.connect() as connection:
+        assert queries._costs_at_ranks(connection, "support", 1) is not None
+        assert queries._costs_at_ranks(connection, "support", 3) is None
+
+
 def test_a_run_still_running_counts_with_the_calls_it_has_made(ledger: Ledger) -> None:
     """Its row still holds the totals of when it started: its calls are summed instead."""
     with ledger.run("support"):

@@ -138,6 +138,7 @@ EXPECTED_INDEXES = {
         "ix_runs_started_at": ["started_at"],
         "ix_runs_outcome": ["outcome"],
         "ix_runs_running": ["parent_id", "started_at"],
+        "ix_runs_root_cost": ["name", "cost_usd"],
     },
     "calls": {
         "ix_calls_run_id": ["run_id"],
@@ -419,6 +420,8 @@ def test_upgrading_a_filled_ledger_keeps_every_row(engine: sa.Engine) -> None:
 
 def test_each_revision_downgrades_cleanly(engine: sa.Engine) -> None:
     schema.upgrade(engine)
+    schema.downgrade(engine, "0004")
+    assert "ix_runs_root_cost" not in {i["name"] for i in sa.inspect(engine).get_indexes("runs")}
     schema.downgrade(engine, "0003")
     assert "ix_runs_running" not in {i["name"] for i in sa.inspect(engine).get_indexes("runs")}
     schema.downgrade(engine, "0002")
@@ -784,5 +787,6 @@ def test_the_migrations_ship_inside_the_package() -> None:
     assert (location / "versions" / "0002_budgets.py").is_file()
     assert (location / "versions" / "0003_outcomes_and_tools.py").is_file()
     assert (location / "versions" / "0004_report_indexes.py").is_file()
-    assert "0004" == schema.head_revision()
+    assert (location / "versions" / "0005_root_run_costs.py").is_file()
+    assert "0005" == schema.head_revision()
     assert os.path.basename(location) == "migrations"

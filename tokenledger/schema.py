@@ -59,7 +59,7 @@ LEDGER_TABLES = ("budget_windows", "budgets", "calls", "prices", "reservations",
 # Every revision in tokenledger.migrations, newest first: the first is the one this code
 # writes. Written out so that opening a ledger need not load Alembic to list the scripts;
 # a test keeps it equal to what Alembic finds there, so a new migration must add its id.
-KNOWN_REVISIONS: tuple[str, ...] = ("0004", "0003", "0002", "0001")
+KNOWN_REVISIONS: tuple[str, ...] = ("0005", "0004", "0003", "0002", "0001")
 
 
 def _migrations_location() -> Traversable:

@@ -435,6 +435,13 @@ runs = sa.Table(
         postgresql_where=sa.text("status = 'running'"),
         sqlite_where=sa.text("status = 'running'"),
     ),
+    sa.Index(  # cost per outcome: an agent's root runs in cost order, for percentiles
+        "ix_runs_root_cost",
+        "name",
+        "cost_usd",
+        postgresql_where=sa.text("parent_id IS NULL"),
+        sqlite_where=sa.text("parent_id IS NULL"),
+    ),
     comment="One row per agent run; totals roll up every descendant run's calls.",
 )
 
