@@ -41,6 +41,13 @@ ledger.close()
 
 
 def _cli() -> list[str]:
+    """The console script of the environment running the harness: the one beside
+    ``sys.executable`` (a virtualenv's bin), else the first on PATH. PATH alone may find
+    a wrapper (pyenv's shims are shell scripts that cost ~100 ms before Python starts)
+    or another environment's tokenledger."""
+    beside = os.path.join(os.path.dirname(sys.executable), "tokenledger")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return [beside]
     exe = shutil.which("tokenledger")
     return [exe] if exe else [sys.executable, "-m", "tokenledger.cli"]
 

@@ -80,6 +80,19 @@ def provider_name(litellm_provider: str | None) -> str | None:
 
 
 def operation_of(call_type: str) -> str:
+    """The gen_ai.operation.name of a litellm call type (``acompletion`` -> ``chat``)."""
+    operation = _OPERATIONS.get(call_type)
+    if operation is None:
+        operation = _operation_of(call_type)
+        if len(_OPERATIONS) < 256:  # litellm has a few dozen call types
+            _OPERATIONS[call_type] = operation
+    return operation
+
+
+_OPERATIONS: dict[str, str] = {}
+
+
+def _operation_of(call_type: str) -> str:
     if "embedding" in call_type:
         return sc.OP_EMBEDDINGS
     if "text_completion" in call_type:
@@ -300,7 +313,7 @@ class PendingCall:
         call.finish_reasons = finish_reasons
         call.provider = provider_name(self.provider) or call.provider
         self.attempts += 1
-        self.ledger._complete_call(self, provider_cost=provider_cost)
+        self.ledger._complete_call(self, provider_cost=provider_cost, usage=usage)
 
 
 # -- the hooks --------------------------------------------------------------------------
@@ -597,8 +610,8 @@ def _finish_response(pending: PendingCall, result: Any, logging_obj: Any) -> Non
     except UsageError as exc:
         logger.warning("tokenledger recorded a call with unknown usage: %s", exc)
         usage, estimated = None, True
-    hidden = _model_attr(result, "_hidden_params") or {}
-    if pending.provider is None:
+    if pending.provider is None:  # function_setup has usually set it already
+        hidden = _model_attr(result, "_hidden_params") or {}
         pending.provider = hidden.get("custom_llm_provider") or (
             logging_obj.model_call_details.get("custom_llm_provider")
         )

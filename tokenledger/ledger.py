@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from tokenledger import capture as _capture
 from tokenledger.exceptions import ConfigurationError
-from tokenledger.records import CallRecord, PriceRecord, RunRecord, new_id, utcnow
+from tokenledger.records import CallRecord, PriceRecord, RunRecord, TokenUsage, new_id, utcnow
 from tokenledger.runs import Run, RunContext, current_run, make_agent_decorator, validate_tags
 from tokenledger.spans import Telemetry
 
@@ -476,10 +476,14 @@ class Ledger:
         """The request was never sent: give back anything reserved for it."""
         self._budgets.release(pending)
 
-    def _complete_call(self, pending: PendingCall, *, provider_cost: Any = None) -> None:
+    def _complete_call(
+        self, pending: PendingCall, *, provider_cost: Any = None, usage: TokenUsage | None = None
+    ) -> None:
+        """Price, trace, total and queue a finished call. ``usage``: the `TokenUsage` its
+        counts were just set from, if the caller has it (saves building it again)."""
         call = pending.call
         try:
-            self._price(pending, provider_cost)
+            self._price(pending, provider_cost, usage)
         except Exception:
             logger.exception("tokenledger could not price call %s; cost left unknown", call.id)
         run = pending.run
@@ -497,7 +501,9 @@ class Ledger:
             self._budgets.add_spend(pending)
         self._writer.put_call(call)
 
-    def _price(self, pending: PendingCall, provider_cost: Any) -> None:
+    def _price(
+        self, pending: PendingCall, provider_cost: Any, usage: TokenUsage | None = None
+    ) -> None:
         call = pending.call
         if call.cost_source == "charge":
             return  # a tool charge carries its own cost
@@ -527,7 +533,7 @@ class Ledger:
             if price.id not in self._known_price_ids:
                 self._put_price(price)
             if call.cost_usd is None:
-                call.cost_usd = book.cost(price, call.usage)
+                call.cost_usd = book.cost(price, call.usage if usage is None else usage)
                 call.cost_source = "local"
         elif call.cost_usd is None:
             from tokenledger.pricing import warn_unpriced
