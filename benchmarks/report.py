@@ -308,10 +308,13 @@ def scale_story(sections: list[Section]) -> list[str]:
         "(monthly or daily), so retention is `DETACH PARTITION` rather than a "
         "billion-row DELETE, indexes stay small enough to cache, and time-windowed "
         "queries prune partitions; a BRIN index on `started_at` costs almost nothing.",
-        "3. *Ingest*: switch the writer's PostgreSQL batches to COPY (measured above "
-        "against executemany), and keep one writer per process rather than per thread.",
-        "4. *Budgets*: a hot global budget row is serialised by the primary; split it by "
-        "scope or lease budget in chunks to each process.",
+        "3. *Ingest*: the writer already COPYs fresh batches on PostgreSQL (retried ones "
+        "use INSERT ... ON CONFLICT DO NOTHING), one writer per process; what grows is "
+        "index maintenance on `calls`, which partitioning (2) keeps to indexes small "
+        "enough to stay in memory.",
+        "4. *Budgets*: busy processes already lease chunks of headroom, but a fleet-wide "
+        "`global` budget is still one row every lease updates: shard it by scope (per "
+        "tenant, per agent) when its leases contend.",
     ]
     return lines
 
