@@ -302,7 +302,18 @@ def test_percentiles_read_from_the_cost_index_match_the_hand_computed_ranks(
             result.p99_cost_per_run_usd,
         )
 
-    whole = cost_per_outcome(ledger.engine, agent="support")
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(ledger.engine, "before_cursor_execute", seen)
+    try:
+        whole = cost_per_outcome(ledger.engine, agent="support")
+    finally:
+        sa.event.remove(ledger.engine, "before_cursor_execute", seen)
+    if ledger.engine.dialect.name == "sqlite":  # the index path was taken: a read per rank
+        assert 3 == sum("ORDER BY runs.cost_usd" in statement for statement in statements)
     windowed = cost_per_outcome(ledger.engine, agent="support", since="1h")
     assert (40, support) == (whole.runs, percentiles(whole))
     assert support == percentiles(windowed)
