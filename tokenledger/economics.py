@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 
+from tokenledger._reporting import money as _money
+from tokenledger._reporting import window as _window
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.pricing import PriceBook, default_price_book
 from tokenledger.queries import (
-    _money,
     _no_runs,
     _outcome_economics,
-    _window,
     parse_success,
     success_rule,
 )

@@ -1,7 +1,9 @@
 """Reading the ledger back: runs, calls and cost reports as typed rows.
 
 Every query is SQLAlchemy Core with bound parameters and returns the same rows on SQLite
-and on PostgreSQL. Money comes back as `~decimal.Decimal`, datetimes as timezone-aware
+and on PostgreSQL, except `report` on SQLite: its SQL lives in ``tokenledger._reporting``
+(bound parameters too), so that ``tokenledger report`` can run it without importing
+SQLAlchemy. Money comes back as `~decimal.Decimal`, datetimes as timezone-aware
 UTC. These functions only read: they never create or migrate a database.
 
 How `report` avoids counting money twice
@@ -52,13 +54,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from tokenledger._reporting import (
+    CALL_DIMENSIONS as _CALL_DIMENSIONS,
+)
+from tokenledger._reporting import FIGURES as _FIGURES
+from tokenledger._reporting import MONEY_QUANTUM as _MONEY_QUANTUM
+from tokenledger._reporting import (
+    REPORT_DIMENSIONS,
+    TAG_PREFIX,
+    ReportRow,
+    merge_report_rows,
+    parse_report_by,
+    parse_since,
+    sqlite_report,
+)
+from tokenledger._reporting import UTC as _UTC
+from tokenledger._reporting import money as _money
+from tokenledger._reporting import window as _window
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.storage import calls as calls_table
 from tokenledger.storage import runs as runs_table
@@ -87,31 +105,13 @@ __all__ = [
     "success_rule",
 ]
 
-#: What `report` can group by, in the order the CLI documents them; any run tag can be
-#: grouped by too, written ``tag:KEY`` (`TAG_PREFIX`).
-REPORT_DIMENSIONS: tuple[str, ...] = (
-    "agent",
-    "model",
-    "provider",
-    "status",
-    "day",
-    "hour",
-    "outcome",
-)
-#: ``tag:tenant`` groups a report by the run tag ``tenant``.
-TAG_PREFIX = "tag:"
 #: The per-run cost percentiles `cost_per_outcome` reports.
 PERCENTILES: tuple[int, ...] = (50, 90, 99)
 
 V = TypeVar("V")
 
-_UTC = dt.timezone.utc
-# Money columns are NUMERIC(24, 12): every amount is a whole number of 10^-12 dollars.
-_MONEY_QUANTUM = Decimal("1e-12")
 # Rates and per-run means of counts: six places are more than any reader needs.
 _RATIO_QUANTUM = Decimal("1e-6")
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
-_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _FAILED_RUN_STATUSES = frozenset({"error", "budget_exceeded"})
 
 
@@ -199,35 +199,6 @@ class CallRow:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ReportRow:
-    """One group of a cost report.
-
-    ``key`` maps each ``by`` dimension to its value (``None``: calls outside any run, a
-    call with no model or provider recorded, a run without an outcome or without the
-    tag). ``runs`` counts the distinct runs the group's calls were attributed to (runs
-    that made no call count too when grouping by properties of runs only); ``cost_usd``
-    includes tool charges and excludes the ``unpriced_calls``, whose models had no price.
-    """
-
-    key: dict[str, str | None]
-    runs: int
-    calls: int
-    failed_calls: int
-    input_tokens: int
-    output_tokens: int
-    cache_read_tokens: int
-    cache_write_tokens: int
-    reasoning_tokens: int
-    cost_usd: Decimal
-    unpriced_calls: int
-
-    @property
-    def cached_tokens(self) -> int:
-        """Input tokens read from or written to a prompt cache."""
-        return self.cache_read_tokens + self.cache_write_tokens
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class LedgerCounts:
     """What a ledger holds, for ``tokenledger status``."""
 
@@ -310,97 +281,6 @@ class OutcomeRow:
 # ---------------------------------------------------------------------------- parsing
 
 
-def parse_since(value: str | dt.datetime, *, now: dt.datetime | None = None) -> dt.datetime:
-    """The start of a time window, as an aware UTC datetime.
-
-    Accepts a duration back from now (``30s``, ``30m``, ``24h``, ``7d``, ``2w``), an ISO
-    date (``2025-01-31``, midnight UTC) or an ISO datetime (``2025-01-31T12:00``; UTC
-    unless it carries an offset), or a datetime. The same forms give the end of a window
-    (``until``).
-
-    Raises:
-        ConfigurationError: the value is none of these.
-
-    .. versionadded:: 0.1.0
-    """
-    if isinstance(value, dt.datetime):
-        return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
-    text = value.strip() if isinstance(value, str) else ""
-    match = _DURATION.match(text)
-    if match:
-        amount, unit = int(match.group(1)), match.group(2).lower()
-        delta = dt.timedelta(**{_DURATION_UNITS[unit]: amount})
-        return (now or dt.datetime.now(_UTC)) - delta
-    if text:
-        try:
-            parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            pass
-        else:
-            return parse_since(parsed)
-    raise ConfigurationError(
-        f"`since` is {value!r}; use a duration back from now such as 30m, 24h, 7d or 2w, "
-        "or an ISO date such as 2025-01-31."
-    )
-
-
-def _window(
-    since: str | dt.datetime | None, until: str | dt.datetime | None
-) -> tuple[dt.datetime | None, dt.datetime | None]:
-    start = parse_since(since) if since is not None else None
-    if until is None:
-        return start, None
-    try:
-        end = parse_since(until)
-    except ConfigurationError as exc:
-        raise ConfigurationError(str(exc).replace("`since`", "`until`", 1)) from exc
-    if start is not None and end < start:
-        raise ConfigurationError(
-            f"`until` ({end.isoformat()}) is before `since` ({start.isoformat()}); the "
-            "window must end after it starts."
-        )
-    return start, end
-
-
-def parse_report_by(by: str | Sequence[str]) -> tuple[str, ...]:
-    """Check report dimensions; a string is split on commas (``"agent,tag:tenant"``).
-
-    Dimension names are case-insensitive; the key of ``tag:KEY`` is kept exactly as
-    written (tag keys are case-sensitive).
-
-    Raises:
-        ConfigurationError: an unknown, repeated or missing dimension.
-    """
-    items = by.split(",") if isinstance(by, str) else list(by)
-    accepted = ", ".join(REPORT_DIMENSIONS) + f", or {TAG_PREFIX}KEY for any run tag"
-    names: list[str] = []
-    for item in items:
-        text = str(item).strip()
-        if text[: len(TAG_PREFIX)].lower() == TAG_PREFIX:
-            key = text[len(TAG_PREFIX) :]
-            if not key:
-                raise ConfigurationError(
-                    f"`by` has {text!r}, which names no tag key; write {TAG_PREFIX}KEY, "
-                    f"for example {TAG_PREFIX}tenant."
-                )
-            names.append(TAG_PREFIX + key)
-        else:
-            names.append(text.lower())
-    if not names or any(not name for name in names):
-        raise ConfigurationError(
-            f"`by` is {by!r}; give one or more of {accepted}, separated by commas."
-        )
-    for name in names:
-        if name not in REPORT_DIMENSIONS and not name.startswith(TAG_PREFIX):
-            raise ConfigurationError(
-                f"`by` has {name!r}, which is not something a report can group by; "
-                f"use one or more of {accepted}."
-            )
-    if len(set(names)) != len(names):
-        raise ConfigurationError(f"`by` is {by!r}; name each dimension once.")
-    return tuple(names)
-
-
 def parse_success(success: str | Iterable[str] | None) -> tuple[str, ...] | None:
     """The outcome labels that count as a success; a string is split on commas.
 
@@ -456,20 +336,6 @@ def _check_limit(limit: int | None) -> int | None:
             f"`limit` is {limit!r}; it must be a positive whole number (0 or None: no limit)."
         )
     return limit
-
-
-def _money(value: Any) -> Decimal:
-    """A money amount (or a SUM of them) from the driver, as an exact Decimal.
-
-    PostgreSQL returns NUMERIC sums as Decimal already. SQLite has no decimal type and a
-    SUM over the cost column can come back as a float: go through ``str`` (the shortest
-    repr that round-trips) rather than ``Decimal(float)``'s binary expansion, then
-    quantize to the column's 12 places so float noise in the 16th digit disappears.
-    """
-    if value is None:
-        return Decimal(0).quantize(_MONEY_QUANTUM)
-    amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    return amount.quantize(_MONEY_QUANTUM)
 
 
 def _optional_money(value: Any) -> Decimal | None:
@@ -608,23 +474,16 @@ def _unpriced(c: sa.Table) -> sa.ColumnElement[int]:
     return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
 
 
-def _day(engine: sa.Engine, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The UTC calendar day of a timestamp, on either engine (`_key_text` formats it).
-
-    PostgreSQL: ``date_trunc`` of the UTC time, a timestamp (much cheaper per row than
-    ``to_char``, which matters over a hundred thousand runs). SQLite: UTCDateTime stores
-    UTC text "YYYY-MM-DD HH:MM:SS.ffffff", whose first 10 characters are the day.
-    """
-    if engine.dialect.name == "postgresql":
-        return sa.func.date_trunc("day", sa.func.timezone("UTC", column))
-    return sa.func.substr(column, 1, 10)
+def _day(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The UTC calendar day of a timestamp on PostgreSQL, a timestamp (`key_text`
+    formats it): ``date_trunc`` is much cheaper per row than ``to_char``, which matters
+    over a hundred thousand runs."""
+    return sa.func.date_trunc("day", sa.func.timezone("UTC", column))
 
 
-def _hour(engine: sa.Engine, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The UTC hour of a timestamp, on either engine (`_key_text` formats it)."""
-    if engine.dialect.name == "postgresql":
-        return sa.func.date_trunc("hour", sa.func.timezone("UTC", column))
-    return sa.func.substr(column, 1, 13) + ":00"
+def _hour(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    """The UTC hour of a timestamp on PostgreSQL (`key_text` formats it)."""
+    return sa.func.date_trunc("hour", sa.func.timezone("UTC", column))
 
 
 @contextlib.contextmanager
@@ -640,21 +499,6 @@ def _reading(engine: sa.Engine) -> Iterator[sa.Connection]:
         if engine.dialect.name == "postgresql":
             connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
         yield connection
-
-
-def _tag(engine: sa.Engine, tags: sa.ColumnElement[Any], key: str) -> sa.ColumnElement[Any]:
-    """The value of run tag ``key`` (NULL when the run has no such tag), key bound.
-
-    PostgreSQL: ``tags ->> :key`` on the JSONB column. SQLite: a lookup through
-    ``json_each``, not ``json_extract``: a JSON path cannot name every key (SQLite does
-    not unescape ``"`` or ``\\`` in a path, and the stored document escapes non-ASCII
-    keys as ``\\u00fc``, which a path never matches), while ``json_each`` decodes keys.
-    """
-    if engine.dialect.name == "postgresql":
-        value: sa.ColumnElement[Any] = tags[key].as_string()
-        return value
-    each = sa.func.json_each(tags).table_valued("key", "value").alias()
-    return sa.select(each.c.value).where(each.c.key == key).scalar_subquery()
 
 
 def _model_key(c: sa.Table) -> sa.ColumnElement[Any]:
@@ -680,9 +524,6 @@ def _sums(c: sa.Table) -> list[sa.ColumnElement[Any]]:
         sa.func.sum(c.c.cost_usd).label("cost_usd"),
         _unpriced(c).label("unpriced_calls"),
     ]
-
-
-_CALL_DIMENSIONS = frozenset({"model", "provider"})
 
 
 def report(
@@ -713,36 +554,42 @@ def report(
     """
     dimensions = parse_report_by(by)
     start, end = _window(since, until)
-    c, r = calls_table, runs_table
-
-    def run_key(name: str) -> sa.ColumnElement[Any]:
-        if name.startswith(TAG_PREFIX):
-            return _tag(engine, r.c.tags, name[len(TAG_PREFIX) :])
-        return {
-            "agent": r.c.name,
-            "model": _model_key(c),
-            "provider": c.c.provider,
-            "status": r.c.status,
-            "day": _day(engine, r.c.started_at),
-            "hour": _hour(engine, r.c.started_at),
-            "outcome": r.c.outcome,
-        }[name]
-
     with _reading(engine) as connection:
-        return _report(connection, engine, dimensions, run_key, start, end, root_only=root_only)
+        if engine.dialect.name == "sqlite":
+            # The SQL `tokenledger report` also runs without SQLAlchemy (_reporting).
+            def execute(sql: str, params: Any) -> list[Any]:
+                return list(connection.exec_driver_sql(sql, params))
+
+            return sqlite_report(execute, dimensions, start, end, root_only=root_only)
+        return _report(connection, dimensions, start, end, root_only=root_only)
 
 
 def _report(
     connection: sa.Connection,
-    engine: sa.Engine,
     dimensions: tuple[str, ...],
-    run_key: Callable[[str], sa.ColumnElement[Any]],
     start: dt.datetime | None,
     end: dt.datetime | None,
     *,
     root_only: bool,
 ) -> list[ReportRow]:
+    """`report` on PostgreSQL, in SQLAlchemy Core (`sqlite_report` is the same on SQLite)."""
     c, r = calls_table, runs_table
+
+    def run_key(name: str) -> sa.ColumnElement[Any]:
+        if name.startswith(TAG_PREFIX):
+            # ``tags ->> :key`` on the JSONB column, the key bound.
+            tag: sa.ColumnElement[Any] = r.c.tags[name[len(TAG_PREFIX) :]].as_string()
+            return tag
+        return {
+            "agent": r.c.name,
+            "model": _model_key(c),
+            "provider": c.c.provider,
+            "status": r.c.status,
+            "day": _day(r.c.started_at),
+            "hour": _hour(r.c.started_at),
+            "outcome": r.c.outcome,
+        }[name]
+
     # Labels are positional (k0, k1, ...) so no user text (a tag key) ever becomes SQL.
     keys = [run_key(name).label(f"k{i}") for i, name in enumerate(dimensions)]
     by_calls = any(name in _CALL_DIMENSIONS for name in dimensions)
@@ -791,8 +638,8 @@ def _report(
         return {
             "model": _model_key(c),
             "provider": c.c.provider,
-            "day": _day(engine, c.c.started_at),
-            "hour": _hour(engine, c.c.started_at),
+            "day": _day(c.c.started_at),
+            "hour": _hour(c.c.started_at),
         }.get(name)
 
     real = [outside_key(name) for name in dimensions]
@@ -810,39 +657,7 @@ def _report(
     grouped = [expression for expression in real if expression is not None]
     if grouped:
         outside = outside.group_by(*grouped)
-
-    # A model (or provider, or day) used both inside and outside runs comes back from
-    # both queries: add the two rows up. The sets of runs are disjoint, so runs add too.
-    groups: dict[tuple[str | None, ...], dict[str, Any]] = {}
-    for query in (in_runs, outside):
-        for row in connection.execute(query):
-            m = row._mapping
-            if not m["calls"] and not m["runs"]:
-                continue  # the outside query's single row when there are none
-            key = tuple(_key_text(m[f"k{i}"], name) for i, name in enumerate(dimensions))
-            group = groups.setdefault(key, dict.fromkeys(_REPORT_FIELDS, 0))
-            for name in _REPORT_FIELDS:
-                group[name] += _money(m[name]) if name == "cost_usd" else int(m[name])
-    rows = [
-        ReportRow(key=dict(zip(dimensions, key, strict=True)), **values)
-        for key, values in groups.items()
-    ]
-    rows.sort(key=lambda row: (-row.cost_usd, [(v is None, v or "") for v in row.key.values()]))
-    return rows
-
-
-_REPORT_FIELDS = tuple(f.name for f in dataclasses.fields(ReportRow) if f.name != "key")
-
-
-def _key_text(value: Any, dimension: str = "") -> str | None:
-    """A report key as text: a day as ``YYYY-MM-DD``, an hour as ``YYYY-MM-DD HH:00``."""
-    if value is None:
-        return None
-    if isinstance(value, dt.datetime) and dimension == "hour":
-        return value.strftime("%Y-%m-%d %H:00")
-    if isinstance(value, (dt.date, dt.datetime)):
-        return value.isoformat()[:10]
-    return str(value)
+    return merge_report_rows(dimensions, (connection.execute(in_runs), connection.execute(outside)))
 
 
 # ------------------------------------------------------------------------ outcomes
@@ -871,19 +686,6 @@ def nearest_rank(sorted_values: Sequence[V], percentile: int) -> V:
 def _rank(count: int, percentile: int) -> int:
     """The 1-based nearest rank of ``percentile`` among ``count`` values."""
     return max(-(-percentile * count // 100), 1)  # ceil, in integers
-
-
-_FIGURES = (
-    "calls",
-    "failed_calls",
-    "input_tokens",
-    "output_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "unpriced_calls",
-)
 
 
 # A constant, not a bound parameter: a partial index on running runs (see the
@@ -1094,18 +896,15 @@ def _outcome_figures(
         for row_name, amount in _raw_rows(connection, costs_query):
             costs.setdefault(row_name, []).append(amount)
 
-    def exact(amount: Any) -> Decimal:
-        return _money(repr(amount) if isinstance(amount, float) else amount)
-
     results = []
     for row in found:
         if by_index:
-            p50, p90, p99 = (exact(amount) for amount in picked[row.name] or ())
+            p50, p90, p99 = (_money(amount) for amount in picked[row.name] or ())
         elif sqlite:
             ranked = sorted(costs[row.name])
-            p50, p90, p99 = (exact(nearest_rank(ranked, pct)) for pct in PERCENTILES)
+            p50, p90, p99 = (_money(nearest_rank(ranked, pct)) for pct in PERCENTILES)
         else:
-            p50, p90, p99 = (exact(row._mapping[f"p{pct}"]) for pct in PERCENTILES)
+            p50, p90, p99 = (_money(row._mapping[f"p{pct}"]) for pct in PERCENTILES)
         count, successes = int(row.runs), int(row.successes)
         total_cost = _money(row.cost)
         value = _money(row.value) if row.valued else None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from tokenledger._location import KNOWN_REVISIONS, VERSION_TABLE
 from tokenledger.exceptions import LedgerError, SchemaVersionError
 from tokenledger.storage import redact_url
 
@@ -46,20 +47,11 @@ __all__ = [
     "upgrade",
 ]
 
-# Not Alembic's default "alembic_version": a user's own migrations in the same database
-# keep theirs untouched.
-VERSION_TABLE = "tokenledger_alembic_version"
-
 # The PostgreSQL advisory lock that serialises concurrent upgrades. Any fixed 64-bit key
 # works as long as every tokenledger version uses the same one: it is b"tokenldg".
 MIGRATION_LOCK_ID = 0x746F6B656E6C6467
 
 LEDGER_TABLES = ("budget_windows", "budgets", "calls", "prices", "reservations", "runs")
-
-# Every revision in tokenledger.migrations, newest first: the first is the one this code
-# writes. Written out so that opening a ledger need not load Alembic to list the scripts;
-# a test keeps it equal to what Alembic finds there, so a new migration must add its id.
-KNOWN_REVISIONS: tuple[str, ...] = ("0005", "0004", "0003", "0002", "0001")
 
 
 def _migrations_location() -> Traversable:

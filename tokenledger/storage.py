@@ -29,6 +29,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from tokenledger._location import DATABASE_URL_ENV, DEFAULT_SQLITE_FILENAME, default_url
 from tokenledger.exceptions import ConfigurationError, LedgerError
 
 __all__ = [
@@ -53,8 +54,6 @@ __all__ = [
     "runs",
 ]
 
-DATABASE_URL_ENV = "TOKENLEDGER_DATABASE_URL"
-DEFAULT_SQLITE_FILENAME = "tokenledger.db"
 
 _ACCEPTED_URLS = (
     "tokenledger accepts `sqlite:///relative/path.db` or `sqlite:////absolute/path.db`, "
@@ -733,20 +732,6 @@ def redact_url(url: str | URL) -> str:
     if secret_keys:
         url = url.update_query_dict(dict.fromkeys(secret_keys, "***"))
     return url.render_as_string(hide_password=True)
-
-
-def default_url() -> str:
-    """The ledger URL used when none is given.
-
-    ``$TOKENLEDGER_DATABASE_URL`` if set, else the SQLite file ``tokenledger.db`` in the
-    current working directory (as an absolute path, so a later ``chdir`` does not move it).
-
-    .. versionadded:: 0.1.0
-    """
-    configured = os.environ.get(DATABASE_URL_ENV, "").strip()
-    if configured:
-        return configured
-    return f"sqlite:///{os.path.abspath(DEFAULT_SQLITE_FILENAME)}"
 
 
 def database_path(url: str | URL | None = None) -> str | None:
