@@ -84,11 +84,22 @@ def db_url(
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'ledger.db'}"
         return
+    yield from _postgres_schema_url(_reachable(postgres_admin_engine))
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_engine: sa.Engine | str) -> Iterator[str]:
+    """The URL of a fresh PostgreSQL schema, for tests that compare the two engines."""
+    yield from _postgres_schema_url(_reachable(postgres_admin_engine))
+
+
+def _reachable(postgres_admin_engine: sa.Engine | str) -> sa.Engine:
+    """The admin engine; the test skips (fails under CI) when the server is unreachable."""
     if isinstance(postgres_admin_engine, str):
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(postgres_admin_engine)
         pytest.skip(postgres_admin_engine)
-    yield from _postgres_schema_url(postgres_admin_engine)
+    return postgres_admin_engine
 
 
 @pytest.fixture

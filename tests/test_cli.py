@@ -484,6 +484,8 @@ def test_report_imports_nothing_it_does_not_need(recorded: Recorded, tmp_path: P
 
     assert "triage" in stdout
     assert "rich" not in imported  # a pipe gets rich's characters without rich
+    # A SQLite file is read with sqlite3 alone; a server needs SQLAlchemy's drivers.
+    assert ("sqlalchemy" in imported) == recorded.url.startswith("postgresql")
     assert [] == sorted(
         module
         for module in imported

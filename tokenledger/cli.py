@@ -3,7 +3,9 @@ offline demo.
 
 Start-up time matters for a command people run in loops and scripts, so this module
 imports only click at the top: SQLAlchemy, rich and the query layer are imported inside
-the commands that use them, and litellm only by ``tokenledger demo``. A table printed to
+the commands that use them, and litellm only by ``tokenledger demo``. ``tokenledger
+report`` on a SQLite file at the current revision does not import SQLAlchemy at all
+(see `_report_without_sqlalchemy`). A table printed to
 a pipe is written without rich, character for character as rich would (see `_Table`).
 
 Reading commands (``runs``, ``calls``, ``report``, ``status``, ``budgets``, ``db current``)
@@ -77,12 +79,27 @@ class _LedgerGroup(click.Group):
                 raise click.ClickException(str(exc)) from exc
             raise
         except Exception as exc:
-            sa_exc = sys.modules.get("sqlalchemy.exc")
-            if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
-                url = ctx.meta.get(_URL_KEY, "the ledger")
-                reason = str(exc.orig or exc).strip()
-                raise click.ClickException(f"The database at {url} failed: {reason}") from exc
-            raise
+            reason = _driver_failure(exc)
+            if reason is None:
+                raise
+            url = ctx.meta.get(_URL_KEY, "the ledger")
+            raise click.ClickException(f"The database at {url} failed: {reason}") from exc
+
+
+def _driver_failure(exc: Exception) -> str | None:
+    """What the database said, when ``exc`` is the database failing; else None.
+
+    SQLAlchemy wraps the driver's errors; `tokenledger report` on a SQLite file calls
+    `sqlite3` itself (see `_report_without_sqlalchemy`). Neither module is imported
+    here just to ask: an error of a module nobody loaded cannot have been raised.
+    """
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
+        return str(exc.orig or exc).strip()
+    sqlite3 = sys.modules.get("sqlite3")
+    if sqlite3 is not None and isinstance(exc, sqlite3.Error):
+        return str(exc).strip() or type(exc).__name__
+    return None
 
 
 def _db_option(fn: F) -> F:
@@ -242,7 +259,7 @@ def _print_json(data: Sequence[Any] | dict[str, Any]) -> None:
 def _since_value(since: str | None) -> dt.datetime | None:
     if since is None:
         return None
-    from tokenledger.queries import parse_since
+    from tokenledger._reporting import parse_since
 
     try:
         return parse_since(since)
@@ -962,6 +979,63 @@ def calls_command(
         _say(_EMPTY if empty else "No calls match these filters.")
 
 
+def _report_without_sqlalchemy(
+    db_url: str | None,
+    dimensions: tuple[str, ...],
+    start: dt.datetime | None,
+    *,
+    root_only: bool,
+) -> tuple[list[ReportRow], bool] | None:
+    """`report`'s rows and whether the ledger is empty, read with `sqlite3` alone.
+
+    Importing SQLAlchemy is most of this command's start-up, so a ledger that is a plain
+    ``sqlite:///PATH`` file at this code's schema revision is read directly, with the
+    SQL `tokenledger.queries.report` runs there too. None means "take the general
+    path": another kind of URL, no such file, no ledger tables, another revision, or a
+    file SQLite cannot open; that path gives the error or the upgrade advice.
+    """
+    from tokenledger import _location
+
+    path = _location.plain_sqlite_file(db_url or _location.default_url())
+    if path is None or not os.path.isfile(path):
+        return None
+    import sqlite3
+    import urllib.parse
+
+    from tokenledger._reporting import sqlite_report
+
+    try:
+        # mode=rw: never create a file, as every reading command promises.
+        connection = sqlite3.connect(
+            f"file:{urllib.parse.quote(path)}?mode=rw", uri=True, timeout=30
+        )
+    except sqlite3.Error:
+        return None
+    try:
+        try:
+            found = connection.execute(
+                f"SELECT version_num FROM {_location.VERSION_TABLE}"
+            ).fetchall()
+        except sqlite3.Error:
+            return None
+        if found != [(_location.KNOWN_REVISIONS[0],)]:
+            return None
+        click.get_current_context().find_root().meta[_URL_KEY] = path
+
+        def execute(sql: str, params: Any) -> list[Any]:
+            return connection.execute(sql, params).fetchall()
+
+        rows = sqlite_report(execute, dimensions, start, None, root_only=root_only)
+        if rows:
+            return rows, False
+        (held,) = connection.execute(
+            "SELECT EXISTS (SELECT 1 FROM runs) OR EXISTS (SELECT 1 FROM calls)"
+        ).fetchone()
+        return rows, not held
+    finally:
+        connection.close()
+
+
 @cli.command("report")
 @_db_option
 @click.option(
@@ -988,7 +1062,7 @@ def report_command(
 
     Sums model calls, each counted once, so rows add up to the total however you group.
     """
-    from tokenledger.queries import REPORT_DIMENSIONS, parse_report_by, report
+    from tokenledger._reporting import REPORT_DIMENSIONS, parse_report_by
 
     try:
         dimensions = parse_report_by(by)
@@ -1000,10 +1074,15 @@ def report_command(
             param_hint="'--by'",
         ) from exc
     start = _since_value(since)
-    rows, empty = _read(
-        db_url,
-        lambda engine: report(engine, by=dimensions, since=start, root_only=not sub_agents),
-    )
+    read = _report_without_sqlalchemy(db_url, dimensions, start, root_only=not sub_agents)
+    if read is None:
+        from tokenledger.queries import report
+
+        read = _read(
+            db_url,
+            lambda engine: report(engine, by=dimensions, since=start, root_only=not sub_agents),
+        )
+    rows, empty = read
     if as_json:
         _print_json(rows)
     elif rows:
