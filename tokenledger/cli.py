@@ -3,10 +3,10 @@ offline demo.
 
 Start-up time matters for a command people run in loops and scripts, so this module
 imports only click at the top: SQLAlchemy, rich and the query layer are imported inside
-the commands that use them, and litellm only by ``tokenledger demo``. ``tokenledger
-report`` on a SQLite file at the current revision does not import SQLAlchemy at all
-(see `_report_without_sqlalchemy`). A table printed to
-a pipe is written without rich, character for character as rich would (see `_Table`).
+the commands that use them, and litellm only by ``tokenledger demo``; ``tokenledger
+report`` on a SQLite file does not import SQLAlchemy at all (see
+`_report_without_sqlalchemy`). A table printed to a pipe is written without rich,
+character for character as rich would (see `_Table`).
 
 Reading commands (``runs``, ``calls``, ``report``, ``status``, ``budgets``, ``db current``)
 and ``budgets rm`` never create or migrate a database: a missing SQLite file is an error,
