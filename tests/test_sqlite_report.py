@@ -362,8 +362,7 @@ def test_a_file_that_is_no_ledger_gets_a_sentence(
     result = CliRunner().invoke(cli, ["report", "--db", f"sqlite:///{path}"])
     assert said in result.output
     assert isinstance(result.exception, (SystemExit, type(None))), result.exception
-    if content:
-        assert content == path.read_bytes()  # reading never writes
+    assert content == path.read_bytes()  # reading never writes
 
 
 def test_a_missing_file_is_an_error_and_is_not_created(tmp_path: Path) -> None:

@@ -155,6 +155,10 @@ def _open_for_reading(db_url: str | None) -> sa.Engine | None:
     url, path = _resolve_url(db_url)
     if path is not None and not os.path.exists(path):
         _missing_file(path)
+    if path is not None and os.path.isfile(path) and os.path.getsize(path) == 0:
+        # An empty file is an empty SQLite database. Connecting would switch it to WAL,
+        # which writes a header: reading commands leave files as they found them.
+        return None
     engine = _engine(url)
     try:
         revision = schema.current_revision(engine)
