@@ -385,9 +385,10 @@ def _where(*conditions: str) -> str:
 def _run_totals_sql(
     execute: Execute, run_window: Sequence[str], params: Mapping[str, Any]
 ) -> tuple[str, dict[str, str]]:
-    """The FROM clause and figure expressions of root runs' totals (see ``_run_totals``
-    in `tokenledger.queries`, which does the same on PostgreSQL): stored totals, except
-    for root runs still ``running``, whose figures are summed from their calls.
+    """The FROM clause and figure expressions of root runs' totals: their stored totals,
+    except for root runs still ``running``, whose figures are summed from their calls.
+    ``_run_totals`` in `tokenledger.queries` builds the same in SQLAlchemy Core, for
+    reports on PostgreSQL and for cost per outcome on both engines.
     """
     # Asked so that SQLite answers from the partial index on running runs: given
     # ``parent_id IS NULL`` it would pick the index on parent_id and walk every root run.
