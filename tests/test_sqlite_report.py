@@ -28,9 +28,10 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from tokenledger import _location, queries, schema, storage
+from tokenledger import Ledger, _location, queries, schema, storage
 from tokenledger._reporting import key_text, money, parse_since, sqlite_timestamp
 from tokenledger.cli import _json_default, cli
+from tokenledger.pricing import PriceBook
 from tokenledger.queries import ReportRow, report
 from tokenledger.records import CallRecord, RunRecord, new_id
 from tokenledger.writer import BatchWriter
@@ -100,7 +101,9 @@ def write_mixed_ledger(url: str, seed: int = 7) -> None:
     writer = BatchWriter(engine)
     try:
         for index in range(40):
-            started = DAY0 + dt.timedelta(minutes=97 * index + rng.randrange(0, 60))
+            # Roots 0 and 20 start exactly on the bounds of a window in WINDOWS.
+            jitter = 0 if index in (0, 20) else rng.randrange(0, 60)
+            started = DAY0 + dt.timedelta(minutes=97 * index + jitter)
             running = index == 33
             tags = {key: rng.choice(["acme", "globex"]) for key in TAG_KEYS if rng.random() < 0.6}
             root = _run(rng, None, started, tags, running=running)
@@ -124,7 +127,9 @@ def write_mixed_ledger(url: str, seed: int = 7) -> None:
                         setattr(run, name, value)
                 writer.put_run(run)
         for index in range(12):
-            when = DAY0 + dt.timedelta(hours=7 * index, minutes=rng.randrange(0, 60))
+            when = DAY0 + dt.timedelta(
+                hours=7 * index, minutes=rng.randrange(0, 60) if index else 0
+            )
             writer.put_call(_call(rng, None, when))
         assert writer.flush()
     finally:
@@ -163,9 +168,11 @@ GROUPINGS = [
     ["tag:tënant", "agent", "day"],
     ["hour", 'tag:we"ird\\key', "model"],
     ["tag:absent"],
+    ["tag:tenant", "tag:tënant"],
 ]
 WINDOWS = [
     (None, None),
+    (DAY0, DAY0 + dt.timedelta(minutes=97 * 20)),  # from root 0 (in) to root 20 (out)
     (DAY0 + dt.timedelta(hours=30), None),
     (DAY0 + dt.timedelta(hours=10), DAY0 + dt.timedelta(hours=40, minutes=17)),
 ]
@@ -225,12 +232,30 @@ def test_the_mixed_ledger_exercises_what_the_comparison_relies_on(
     assert any(row.key["status"] == "running" and row.calls for row in running)
 
 
-def test_money_from_a_float_is_rounded_once_as_sqlalchemy_does() -> None:
-    numeric = sa.Numeric(24, 12).result_processor(sa.create_engine("sqlite://").dialect, None)
-    for value in (0.1 + 0.2, 1e-13, 123.4567890123455, 0.4951777, 7.0, 2.5e-12):
-        assert numeric(value) == money(value), value  # type: ignore[misc]
+def test_money_reads_a_float_as_the_money_column_type_does() -> None:
+    """A cost read raw (the command) and through SQLAlchemy (the library) agree."""
+    column = storage.Money()
+    dialect = sa.create_engine("sqlite://").dialect
+    amounts = (0.1 + 0.2, 1e-13, 0.4951777, 7.0, 2.5e-12, 99999.99 + 23456.78, 8192.000001)
+    rng = random.Random(3)
+    amounts += tuple(rng.randrange(10**6, 10**13) / 10**6 for _ in range(2000))
+    for value in amounts:
+        assert column.process_result_value(value, dialect) == money(value), value
+    assert D("123456.770000000000") == money(99999.99 + 23456.78)
     assert D("0.300000000000") == money(0.1 + 0.2)
-    assert D("1.500000000000") == money(D("1.5")) == money("1.5")
+    assert D("1.500000000000") == money(D("1.5")) == money("1.5") == money(1.5)
+
+
+def test_a_large_cost_is_the_same_in_report_and_in_runs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'large.db'}"
+    book = PriceBook(source_map={})
+    with Ledger(url, capture=False, price_book=book) as ledger, ledger.run("buy") as run:
+        run.charge("contract", usd="99999.99")
+        run.charge("contract", usd="23456.78")
+    reported = json.loads(invoke("report", "--db", url, "--json").stdout)
+    by_tool = json.loads(invoke("report", "--db", url, "--by", "model", "--json").stdout)
+    [listed] = json.loads(invoke("runs", "--db", url, "--json").stdout)
+    assert "123456.77" == reported[0]["cost_usd"] == by_tool[0]["cost_usd"] == listed["cost_usd"]
 
 
 def test_sqlite_timestamps_compare_as_the_stored_text() -> None:
@@ -382,3 +407,34 @@ def test_sqlite_failing_mid_report_is_one_line_naming_the_file(tmp_path: Path) -
     result = CliRunner().invoke(cli, ["report", "--db", f"sqlite:///{path}", "--by", "model"])
     assert 1 == result.exit_code
     assert f"Error: The database at {path} failed: no such table: calls\n" == result.output
+
+
+@pytest.mark.usefixtures("no_sqlalchemy_report")
+def test_a_locked_ledger_is_reported_once_after_the_busy_timeout(
+    built: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "locked.db"
+    path.write_bytes(Path(storage.database_path(built) or "").read_bytes())
+    monkeypatch.setattr(_location, "SQLITE_BUSY_TIMEOUT_S", 0.2)
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE runs SET name = name")
+        result = CliRunner().invoke(cli, ["report", "--db", f"sqlite:///{path}"])
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert 1 == result.exit_code
+    assert f"Error: The database at {path} failed: database is locked\n" == result.output
+
+
+@pytest.mark.usefixtures("no_sqlalchemy_report")
+def test_a_path_that_is_not_utf8_is_read_directly(built: str, tmp_path: Path) -> None:
+    directory = tmp_path / os.fsdecode(b"caf\xe9")
+    directory.mkdir()
+    path = directory / "ledger.db"
+    path.write_bytes(Path(storage.database_path(built) or "").read_bytes())
+    result = invoke("report", "--db", f"sqlite:///{path}", "--json")
+    assert 0 == result.exit_code
+    assert json.loads(result.stdout)

@@ -24,6 +24,9 @@ VERSION_TABLE = "tokenledger_alembic_version"
 # a test keeps it equal to what Alembic finds there, so a new migration must add its id.
 KNOWN_REVISIONS: tuple[str, ...] = ("0005", "0004", "0003", "0002", "0001")
 
+#: How long a SQLite connection waits for another process's lock before failing.
+SQLITE_BUSY_TIMEOUT_S = 30
+
 _PLAIN_SQLITE_PREFIXES = ("sqlite:///", "sqlite+pysqlite:///")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import decimal
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
@@ -42,6 +43,8 @@ CALL_DIMENSIONS = frozenset({"model", "provider"})
 UTC = dt.timezone.utc
 # Money columns are NUMERIC(24, 12): every amount is a whole number of 10^-12 dollars.
 MONEY_QUANTUM = Decimal("1e-12")
+#: Enough digits to quantize any NUMERIC(24, 12) amount (or a sum of many) to 12 places.
+MONEY_CONTEXT = decimal.Context(prec=48)
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -191,16 +194,18 @@ def money(value: Any) -> Decimal:
     """A money amount (or a SUM of them) from the driver, as an exact Decimal.
 
     PostgreSQL returns NUMERIC values as Decimal already. SQLite has no decimal type and
-    returns a float: it is rounded once, from its exact binary value, to the column's 12
-    places (what SQLAlchemy's Numeric does with it), so float noise in the 16th digit
-    disappears and the same amount gives the same Decimal whichever way it was read.
+    returns a float: it goes through ``repr`` (the shortest string that round-trips it,
+    0.000285 rather than its binary expansion) and is quantized to the column's 12
+    places, exactly as the ``Money`` column type reads it (`tokenledger.storage`), so a
+    cost read raw and the same cost read through SQLAlchemy agree to the last digit.
     """
     if value is None:
         return Decimal(0).quantize(MONEY_QUANTUM)
-    if isinstance(value, float):
-        return Decimal(format(value, ".12f"))
-    amount = value if isinstance(value, Decimal) else Decimal(str(value))
-    return amount.quantize(MONEY_QUANTUM)
+    if isinstance(value, Decimal):
+        amount = value
+    else:
+        amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value))
+    return amount.quantize(MONEY_QUANTUM, context=MONEY_CONTEXT)
 
 
 def key_text(value: Any, dimension: str = "") -> str | None:

@@ -97,7 +97,11 @@ def _driver_failure(exc: Exception) -> str | None:
     if sa_exc is not None and isinstance(exc, sa_exc.DBAPIError):
         return str(exc.orig or exc).strip()
     sqlite3 = sys.modules.get("sqlite3")
-    if sqlite3 is not None and isinstance(exc, sqlite3.Error):
+    # The database's own failures only: a ProgrammingError or InterfaceError would be a
+    # bug in tokenledger, and keeps its traceback.
+    if sqlite3 is not None and (
+        isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
+    ):
         return str(exc).strip() or type(exc).__name__
     return None
 
@@ -1008,11 +1012,12 @@ def _report_without_sqlalchemy(
 
     from tokenledger._reporting import sqlite_report
 
+    context = click.get_current_context().find_root()
     try:
-        # mode=rw: never create a file, as every reading command promises.
-        connection = sqlite3.connect(
-            f"file:{urllib.parse.quote(path)}?mode=rw", uri=True, timeout=30
-        )
+        # mode=rw: never create a file, as every reading command promises. fsencode:
+        # a path that is not valid UTF-8 (surrogate escapes) is quoted byte by byte.
+        uri = f"file:{urllib.parse.quote(os.fsencode(path))}?mode=rw"
+        connection = sqlite3.connect(uri, uri=True, timeout=_location.SQLITE_BUSY_TIMEOUT_S)
     except sqlite3.Error:
         return None
     try:
@@ -1020,11 +1025,18 @@ def _report_without_sqlalchemy(
             found = connection.execute(
                 f"SELECT version_num FROM {_location.VERSION_TABLE}"
             ).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                # Locked for the whole busy timeout: the general path would only wait
+                # as long again before saying the same.
+                context.meta[_URL_KEY] = path
+                raise
+            return None  # no such table, and the like: the general path explains
         except sqlite3.Error:
-            return None
+            return None  # not a database, and the like
         if found != [(_location.KNOWN_REVISIONS[0],)]:
             return None
-        click.get_current_context().find_root().meta[_URL_KEY] = path
+        context.meta[_URL_KEY] = path
 
         def execute(sql: str, params: Any) -> list[Any]:
             return connection.execute(sql, params).fetchall()

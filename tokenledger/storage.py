@@ -29,7 +29,12 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from tokenledger._location import DATABASE_URL_ENV, DEFAULT_SQLITE_FILENAME, default_url
+from tokenledger._location import (
+    DATABASE_URL_ENV,
+    DEFAULT_SQLITE_FILENAME,
+    SQLITE_BUSY_TIMEOUT_S,
+    default_url,
+)
 from tokenledger.exceptions import ConfigurationError, LedgerError
 
 __all__ = [
@@ -62,7 +67,6 @@ _ACCEPTED_URLS = (
 )
 
 # Applied on every new SQLite connection, after journal_mode=WAL (see _set_sqlite_pragmas).
-_SQLITE_BUSY_TIMEOUT_S = 30
 _SQLITE_PRAGMAS = (
     "PRAGMA synchronous=NORMAL",  # durable across process crashes; WAL makes it safe
     "PRAGMA foreign_keys=ON",
@@ -863,12 +867,12 @@ def create_engine_for(url: str | URL | None = None) -> sa.Engine:
 def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_S * 1000}")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")
         # WAL: readers never block the writer and the writer never blocks them. The mode
         # is stored in the file, so only its first opener switches it; but that switch
         # needs an exclusive lock and SQLite reports "database is locked" at once, busy
         # timeout or not, when two processes open a new ledger together. Retry it.
-        deadline = time.monotonic() + _SQLITE_BUSY_TIMEOUT_S
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
         while True:
             try:
                 if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
