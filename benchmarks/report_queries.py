@@ -66,15 +66,6 @@ def _calls_of(
         )  # fmt: skip
 
 
-def _add(run: RunRecord, call: CallRecord) -> None:
-    run.calls += 1
-    run.failed_calls += call.status != "ok"
-    run.input_tokens += call.input_tokens
-    run.output_tokens += call.output_tokens
-    run.cache_read_tokens += call.cache_read_tokens
-    run.cost_usd += call.cost_usd or Decimal(0)
-
-
 def build(engine: sa.Engine, calls: int, seed: int = 7) -> tuple[int, int]:
     """Write about ``calls`` calls (and their runs) through a BatchWriter; (runs, calls)."""
     rng = random.Random(seed)
@@ -110,11 +101,11 @@ def build(engine: sa.Engine, calls: int, seed: int = 7) -> tuple[int, int]:
                 runs.append(child)
                 own = count // 2
                 for call in _calls_of(rng, child, root, count - own, child.started_at):
-                    _add(child, call)
-                    _add(root, call)
+                    child.add_call(call)
+                    root.add_call(call)
                     writer.put_call(call)
             for call in _calls_of(rng, root, root, own, started):
-                _add(root, call)
+                root.add_call(call)
                 writer.put_call(call)
             if rng.random() < 0.1:
                 charge = CallRecord(
@@ -122,7 +113,7 @@ def build(engine: sa.Engine, calls: int, seed: int = 7) -> tuple[int, int]:
                     provider=None, requested_model=None, model=None, started_at=started,
                     tool_name="web_search", cost_usd=Decimal("0.005"), cost_source="charge",
                 )  # fmt: skip
-                _add(root, charge)
+                root.add_call(charge)
                 writer.put_call(charge)
                 count += 1
             for run in runs:

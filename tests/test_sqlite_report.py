@@ -42,30 +42,6 @@ DAY0 = dt.datetime(2025, 3, 30, 21, 0, tzinfo=UTC)
 TAG_KEYS = ("tenant", "tënant", 'we"ird\\key')
 
 
-@dataclasses.dataclass
-class Totals:
-    calls: int = 0
-    failed_calls: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost_usd: Decimal = dataclasses.field(default_factory=Decimal)
-    unpriced_calls: int = 0
-
-    def add(self, call: CallRecord) -> None:
-        self.calls += 1
-        self.failed_calls += call.status != "ok"
-        for kind in ("input", "output", "cache_read", "cache_write", "reasoning"):
-            name = f"{kind}_tokens"
-            setattr(self, name, getattr(self, name) + getattr(call, name))
-        if call.cost_usd is not None:
-            self.cost_usd += call.cost_usd
-        elif call.status == "ok" or call.input_tokens or call.output_tokens:
-            self.unpriced_calls += 1
-
-
 def _call(rng: random.Random, run: RunRecord | None, when: dt.datetime) -> CallRecord:
     tool = rng.random() < 0.15
     status = rng.choice(["ok"] * 6 + ["error"])
@@ -112,19 +88,18 @@ def write_mixed_ledger(url: str, seed: int = 7) -> None:
                 runs.append(_run(rng, root, started + dt.timedelta(seconds=2), tags={}))
                 if rng.random() < 0.5:
                     runs.append(_run(rng, runs[-1], started + dt.timedelta(seconds=3), {}))
-            totals = {run.id: Totals() for run in runs}
             for run in runs:
                 for offset in range(rng.randrange(2 if running else 0, 5)):
                     call = _call(rng, run, run.started_at + dt.timedelta(seconds=offset))
                     writer.put_call(call)
-                    # A run's totals include its descendants' calls: add to each ancestor.
+                    # A run's totals include its descendants' calls: add to each ancestor,
+                    # except a running root, whose row still has the totals of its start.
                     for ancestor in runs[: runs.index(run) + 1]:
-                        totals[ancestor.id].add(call)
+                        if not (running and ancestor is root):
+                            ancestor.add_call(call)
             for run in runs:
                 if not (running and run is root):
                     run.ended_at = run.started_at + dt.timedelta(seconds=30)
-                    for name, value in dataclasses.asdict(totals[run.id]).items():
-                        setattr(run, name, value)
                 writer.put_run(run)
         for index in range(12):
             when = DAY0 + dt.timedelta(

@@ -43,7 +43,8 @@ CALL_DIMENSIONS = frozenset({"model", "provider"})
 UTC = dt.timezone.utc
 # Money columns are NUMERIC(24, 12): every amount is a whole number of 10^-12 dollars.
 MONEY_QUANTUM = Decimal("1e-12")
-#: Enough digits to quantize any NUMERIC(24, 12) amount (or a sum of many) to 12 places.
+#: Enough digits to quantize any money amount (24 digits at scale 12, or a price at
+#: scale 18 with 12 integer digits), or a sum of many, without rounding its integer part.
 MONEY_CONTEXT = decimal.Context(prec=48)
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 _DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

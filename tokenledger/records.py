@@ -215,5 +215,24 @@ class RunRecord:
     outcome_value: Decimal | None = None
     outcome_at: dt.datetime | None = None
 
+    def add_call(self, call: CallRecord) -> None:
+        """Count a finished call (this run's own or a descendant's) in these totals.
+
+        A call with no cost is "unpriced" when it succeeded or used tokens; a failed
+        call that used nothing cost nothing and is not.
+        """
+        self.calls += 1
+        if call.status != "ok":
+            self.failed_calls += 1
+        self.input_tokens += call.input_tokens
+        self.output_tokens += call.output_tokens
+        self.cache_read_tokens += call.cache_read_tokens
+        self.cache_write_tokens += call.cache_write_tokens
+        self.reasoning_tokens += call.reasoning_tokens
+        if call.cost_usd is not None:
+            self.cost_usd += call.cost_usd
+        elif call.status == "ok" or call.input_tokens or call.output_tokens:
+            self.unpriced_calls += 1
+
     def as_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

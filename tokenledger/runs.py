@@ -247,19 +247,7 @@ class Run:
         with self._lock:
             run: Run | None = self
             while run is not None:
-                rec = run.record
-                rec.calls += 1
-                if call.status != "ok":
-                    rec.failed_calls += 1
-                rec.input_tokens += call.input_tokens
-                rec.output_tokens += call.output_tokens
-                rec.cache_read_tokens += call.cache_read_tokens
-                rec.cache_write_tokens += call.cache_write_tokens
-                rec.reasoning_tokens += call.reasoning_tokens
-                if call.cost_usd is not None:
-                    rec.cost_usd += call.cost_usd
-                elif call.status == "ok" or call.input_tokens or call.output_tokens:
-                    rec.unpriced_calls += 1
+                run.record.add_call(call)
                 if run._ended:
                     # A late call (a stream finished after its run) updates a run that
                     # was already written: write it again so the ledger stays right.

@@ -11,7 +11,6 @@ here is what the code reads and writes with, and a test checks the two agree.
 from __future__ import annotations
 
 import datetime as dt
-import decimal
 import importlib.util
 import json
 import os
@@ -35,6 +34,7 @@ from tokenledger._location import (
     SQLITE_BUSY_TIMEOUT_S,
     default_url,
 )
+from tokenledger._reporting import MONEY_CONTEXT
 from tokenledger.exceptions import ConfigurationError, LedgerError
 
 __all__ = [
@@ -72,8 +72,6 @@ _SQLITE_PRAGMAS = (
     "PRAGMA foreign_keys=ON",
 )
 
-# Enough headroom for quantize() at scale 18 with 12 integer digits.
-_DECIMAL_CONTEXT = decimal.Context(prec=48)
 _UTC = dt.timezone.utc
 
 
@@ -140,7 +138,7 @@ class Money(TypeDecorator[Decimal]):
         # repr() is the shortest string that round-trips the float: 0.000285, not
         # 0.00028499999999999999.
         amount = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
-        return amount.quantize(self._quantum, context=_DECIMAL_CONTEXT)
+        return amount.quantize(self._quantum, context=MONEY_CONTEXT)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
