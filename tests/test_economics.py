@@ -29,7 +29,7 @@ from tokenledger.pricing import PriceBook
 
 D = Decimal
 
-pytestmark = pytest.mark.filterwarnings("ignore::tokenledger.pricing.UnpricedModelWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::tokenledger.exceptions.UnpricedModelWarning")
 
 
 @pytest.fixture

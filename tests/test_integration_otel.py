@@ -52,10 +52,10 @@ from wire import (
 )
 
 from tokenledger import Ledger
+from tokenledger.exceptions import UnpricedModelWarning
 from tokenledger.integrations import openai as tl_openai
 from tokenledger.integrations import otel
 from tokenledger.integrations.otel import GenAISpanProcessor, instrument
-from tokenledger.pricing import UnpricedModelWarning
 
 # -- OpenAI, offline --------------------------------------------------------------------
 

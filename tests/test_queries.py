@@ -41,7 +41,7 @@ from tokenledger.pricing import PriceBook
 from tokenledger.queries import ReportRow, list_calls, list_runs, parse_since, report
 from tokenledger.records import CallRecord, RunRecord
 
-pytestmark = pytest.mark.filterwarnings("ignore::tokenledger.pricing.UnpricedModelWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::tokenledger.exceptions.UnpricedModelWarning")
 
 UTC = dt.timezone.utc
 TOTAL = Decimal("0.01758")

@@ -28,16 +28,19 @@ if "litellm" not in _sys.modules:
 
 from tokenledger.exceptions import (
     BudgetExceeded,
+    BudgetWarning,
+    CaptureUnsupportedError,
     ConfigurationError,
     LedgerError,
     PriceError,
     SchemaVersionError,
     TokenledgerError,
+    UnpricedModelWarning,
     UsageError,
 )
 
 if TYPE_CHECKING:
-    from tokenledger.budgets import Budget, BudgetStatus, BudgetWarning
+    from tokenledger.budgets import Budget, BudgetStatus
     from tokenledger.ledger import Ledger, configure, default_ledger
     from tokenledger.records import CallRecord, RunRecord, TokenUsage
     from tokenledger.runs import Run, RunContext, bind_context, current_run
@@ -48,6 +51,7 @@ __all__ = [
     "BudgetStatus",
     "BudgetWarning",
     "CallRecord",
+    "CaptureUnsupportedError",
     "ConfigurationError",
     "Ledger",
     "LedgerError",
@@ -58,6 +62,7 @@ __all__ = [
     "SchemaVersionError",
     "TokenUsage",
     "TokenledgerError",
+    "UnpricedModelWarning",
     "UsageError",
     "__version__",
     "agent",
@@ -75,7 +80,6 @@ __all__ = [
 _LAZY = {
     "Budget": "tokenledger.budgets",
     "BudgetStatus": "tokenledger.budgets",
-    "BudgetWarning": "tokenledger.budgets",
     "CallRecord": "tokenledger.records",
     "Ledger": "tokenledger.ledger",
     "Run": "tokenledger.runs",

@@ -50,7 +50,6 @@ __all__ = [
     "WINDOWS",
     "Budget",
     "BudgetStatus",
-    "BudgetWarning",
     "parse_scope",
     "window_bounds",
 ]
@@ -65,10 +64,6 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 MAX_USD = Decimal("1000000000")
 MAX_TOKENS = 10**15
 MAX_SCOPE_LENGTH = 300
-
-
-class BudgetWarning(UserWarning):
-    """Emitted when a call passes a budget whose action is ``warn`` (the call proceeds)."""
 
 
 # -- parsing and validation -------------------------------------------------------------

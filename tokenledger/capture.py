@@ -42,7 +42,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tokenledger import semconv as sc
-from tokenledger.exceptions import BudgetExceeded, LedgerError, UsageError
+from tokenledger.exceptions import (
+    BudgetExceeded,
+    CaptureUnsupportedError,
+    LedgerError,
+    UsageError,
+)
 from tokenledger.records import CallRecord, TokenUsage, new_id, utcnow
 from tokenledger.runs import current_run
 from tokenledger.usage import usage_from_response
@@ -776,10 +781,6 @@ def _tracked_class(base: type) -> type:
 
 
 # -- switching capture on and off -------------------------------------------------------
-
-
-class CaptureUnsupportedError(RuntimeError):
-    """The installed litellm lacks the interception points capture relies on."""
 
 
 def install() -> None:

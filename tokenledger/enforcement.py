@@ -28,13 +28,17 @@ from tokenledger.budgets import (
     WINDOWS,
     BudgetDef,
     BudgetStatus,
-    BudgetWarning,
     Estimate,
     Reservation,
     parse_shared_budget,
     window_bounds,
 )
-from tokenledger.exceptions import BudgetExceeded, ConfigurationError, LedgerError
+from tokenledger.exceptions import (
+    BudgetExceeded,
+    BudgetWarning,
+    ConfigurationError,
+    LedgerError,
+)
 from tokenledger.records import TokenUsage, new_id, utcnow
 
 if TYPE_CHECKING:

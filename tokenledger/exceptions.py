@@ -9,11 +9,14 @@ from __future__ import annotations
 
 __all__ = [
     "BudgetExceeded",
+    "BudgetWarning",
+    "CaptureUnsupportedError",
     "ConfigurationError",
     "LedgerError",
     "PriceError",
     "SchemaVersionError",
     "TokenledgerError",
+    "UnpricedModelWarning",
     "UsageError",
 ]
 
@@ -60,4 +63,24 @@ class BudgetExceeded(TokenledgerError):
     """Raised before a model call that would push a budget past its limit.
 
     No request was sent. The run is marked ``budget_exceeded``.
+    """
+
+
+class CaptureUnsupportedError(TokenledgerError, RuntimeError):
+    """Raised when capture is switched on and the installed litellm lacks the
+    interception points it relies on (``litellm.utils.function_setup`` and
+    ``update_response_metadata``); pin litellm to the supported range.
+    """
+
+
+class BudgetWarning(UserWarning):
+    """Emitted when a call passes a budget whose action is ``warn`` (the call proceeds)."""
+
+
+class UnpricedModelWarning(UserWarning):
+    """Emitted once per process for each model that has no known price.
+
+    Its calls are still recorded, with their tokens and a NULL cost.
+
+    .. versionadded:: 0.1.0
     """

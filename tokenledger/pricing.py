@@ -38,13 +38,12 @@ from decimal import Context, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
 
-from tokenledger.exceptions import ConfigurationError, PriceError
+from tokenledger.exceptions import ConfigurationError, PriceError, UnpricedModelWarning
 from tokenledger.records import PriceRecord, TokenUsage, utcnow
 
 __all__ = [
     "LIVE_MAP_URL",
     "PriceBook",
-    "UnpricedModelWarning",
     "default_price_book",
     "warn_unpriced",
 ]
@@ -83,15 +82,6 @@ _FIREWORKS_CACHE_READ_RATIO: Final = Decimal("0.5")
 _INCLUSIVE_THRESHOLD_PROVIDERS: Final = frozenset({"xai"})
 
 _MISSING: Final[Any] = object()
-
-
-class UnpricedModelWarning(UserWarning):
-    """Emitted once per process for each model that has no known price.
-
-    Its calls are still recorded, with their tokens and a NULL cost.
-
-    .. versionadded:: 0.1.0
-    """
 
 
 class PriceBook:

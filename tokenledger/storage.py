@@ -34,7 +34,7 @@ from tokenledger._location import (
     SQLITE_BUSY_TIMEOUT_S,
     default_url,
 )
-from tokenledger._reporting import MONEY_CONTEXT
+from tokenledger._money import CONTEXT as MONEY_CONTEXT
 from tokenledger.exceptions import ConfigurationError, LedgerError
 
 __all__ = [
