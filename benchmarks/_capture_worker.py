@@ -430,7 +430,7 @@ def _pipeline(
                 with ledger.run("bench-pipeline", tags={"user": "42"}):
                     for _ in range(args.calls_per_run):
                         pending = capture._start_pending("completion", (), kwargs)
-                        ledger._before_call(pending, kwargs)
+                        pending.reserve(kwargs)
                         capture._finish_response(pending, response, logging_obj)
             caller = time.thread_time() - t.thread0
             ledger.flush(60)

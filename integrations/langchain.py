@@ -265,7 +265,7 @@ class _Call:
         """Nothing was sent: give back what was reserved for it, record nothing."""
         try:
             if self.pending.claim():
-                self.pending.ledger._release(self.pending)
+                self.pending.release()
         except Exception:
             logger.exception("tokenledger could not release a LangChain model call")
 
@@ -290,8 +290,8 @@ class _Call:
     def watch(self) -> None:
         """Have the call's run finish it when the run ends, if nothing else did.
 
-        `Ledger._run_ending` finishes the open streams its run registered with
-        `Ledger._open_stream`, through `capture.finish_abandoned`, which calls
+        The recorder finishes, when a run ends, the open streams its calls registered
+        with `PendingCall.watch_stream`, through `capture.finish_abandoned`, which calls
         ``pending.stream()`` for the stream to close: here that function records the
         call itself and returns no stream (the `PendingCall` is then claimed, and
         nothing else is recorded). It holds the call weakly: a call that ended is not
@@ -305,7 +305,7 @@ class _Call:
                 call.end_with_run()
 
         self.pending.stream = at_run_end
-        self.pending.ledger._open_stream(self.pending)
+        self.pending.watch_stream()
         # The run holds the `PendingCall` until it ends; the request body was only
         # needed for the reservation, taken by now.
         self.pending.request = {}
@@ -409,7 +409,7 @@ def _innermost(current: Run | None, scoped: Run | None) -> Run | None:
 def _open_node_run(name: str, parent: Run | None) -> Run | None:
     """A child run for a graph node, started but not made current.
 
-    ``Run._start`` makes the run current in this context; a callback's context is not
+    ``Run.start`` makes the run current in this context; a callback's context is not
     the node's (an async callback runs in a copy), so that is undone here, as the agent
     decorator does for generators, and the run is found through LangChain's run ids.
     """
@@ -417,8 +417,8 @@ def _open_node_run(name: str, parent: Run | None) -> Run | None:
     if ledger is None or not ledger.capture:
         return None
     run = Run(ledger, name, tags={}, parent=parent)
-    run._start()
-    run._detach()
+    run.start()
+    run.detach()
     return run
 
 
@@ -742,7 +742,7 @@ class TokenledgerCallbackHandler(BaseCallbackHandler):
                 _registry.scopes.pop(run_id, None)
                 node_run = _registry.nodes.pop(run_id, None)
             if node_run is not None:
-                node_run._finish(None if error is None or _is_control_flow(error) else error)
+                node_run.end(None if error is None or _is_control_flow(error) else error)
         except Exception:
             logger.exception("tokenledger could not finish a LangGraph node run")
 

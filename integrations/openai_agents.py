@@ -180,12 +180,12 @@ def _wrap_run_streamed(original: Callable[..., Any]) -> Callable[..., Any]:
             raise
         # The agent loop runs in a task made inside `original`, which copied the context
         # with this run current; the caller's context must not keep it.
-        run._detach()
+        run.detach()
         task = getattr(result, "run_loop_task", None)
         if isinstance(task, asyncio.Future):
             task.add_done_callback(functools.partial(_end_streamed_run, run, result))
         else:  # pragma: no cover - every SDK version checked sets run_loop_task
-            run._finish(None)
+            run.end(None)
         return result
 
     run_streamed._tokenledger_original = original  # type: ignore[attr-defined]
@@ -199,7 +199,7 @@ def _end_streamed_run(run: Run, result: Any, task: asyncio.Future[Any]) -> None:
             error = asyncio.CancelledError()
         else:
             error = task.exception() or getattr(result, "_stored_exception", None)
-        run._finish(error)
+        run.end(error)
     except Exception:
         logger.exception("tokenledger could not finish the run of a streamed agent run")
 
@@ -345,7 +345,7 @@ def _target(model: Any, pending: PendingCall) -> Any:
         return model
     if isinstance(model, OpenAIResponsesWSModel):
         # A copy would open (and leak) a second websocket connection: refuse instead.
-        pending.ledger._release(pending)
+        pending.release()
         if pending.run is not None:
             pending.run.mark_budget_exceeded()
         raise BudgetExceeded(

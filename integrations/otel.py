@@ -88,9 +88,8 @@ from opentelemetry.context import Context
 
 from tokenledger import capture as _capture
 from tokenledger import semconv as sc
-from tokenledger.capture import PendingCall
 from tokenledger.exceptions import UsageError
-from tokenledger.records import CallRecord, TokenUsage, new_id
+from tokenledger.records import TokenUsage, new_call
 from tokenledger.runs import current_run
 from tokenledger.usage import usage_from_response
 
@@ -681,25 +680,20 @@ class GenAISpanProcessor(SpanProcessor):
         if ledger is None:
             return
         run = entry.run
-        call = CallRecord(
-            id=new_id(),
-            run_id=run.id if run is not None else None,
-            root_run_id=run.root_id if run is not None else None,
+        call = new_call(
+            run,
             operation=reading.operation,
-            provider=None,
-            requested_model=reading.request_model,
-            model=None,
+            model=reading.request_model,
             started_at=dt.datetime.fromtimestamp(start_ns / 1e9, dt.timezone.utc),
             streamed=reading.streamed,
         )
-        pending = PendingCall(ledger, run, call)
-        pending.provider = reading.provider
-        pending.start_ns = start_ns
-        pending.account_spend = True  # sent already: add its cost to budgets' spend
-        pending.claim()
         self._local.recording = True  # the span tokenledger emits for it is ours
         try:
-            pending.finish(
+            ledger.recorder.record_finished(
+                run,
+                call,
+                provider=reading.provider,
+                start_ns=start_ns,
                 status=reading.status,
                 usage=reading.usage,
                 model=reading.response_model,

@@ -340,7 +340,7 @@ def test_an_exception_before_the_request_sends_nothing(
         if pending.run is not None:
             raise BudgetExceeded("refused for the test")
 
-    monkeypatch.setattr(ledger, "_before_call", refuse)
+    monkeypatch.setattr(ledger.recorder, "before_call", refuse)
     spy = Spy()
     litellm.callbacks.append(spy)
     try:

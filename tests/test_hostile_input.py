@@ -255,7 +255,7 @@ def test_any_usage_a_provider_reports_is_recorded_and_never_raised(tmp_path: Pat
                     model=None,
                     started_at=utcnow(),
                 )
-                pending = PendingCall(ledger, run, call)
+                pending = PendingCall(ledger.recorder, run, call)
                 pending.provider = "openai"
                 pending.succeed(raw, model="gpt-4o-mini")
             recorded.append(call)

@@ -16,8 +16,8 @@ def test_finished_streams_are_not_kept_until_the_run_ends(ledger: Ledger) -> Non
                 model="gpt-4o-mini", messages=MESSAGES, stream=True, mock_response="ok"
             ):
                 pass
-        watched = len(ledger._open_streams[run.id])
+        watched = len(ledger.recorder.open_streams(run.id))
     # 300 streams, all finished: the list is pruned whenever it doubles past 64.
     assert watched <= 128
     assert 300 == run.calls
-    assert run.id not in ledger._open_streams
+    assert [] == ledger.recorder.open_streams(run.id)

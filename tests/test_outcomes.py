@@ -67,7 +67,7 @@ def test_an_outcome_set_later_from_another_process_survives_a_rewrite(
     assert 0 == proc.exitcode
     # A late update of the run in this process (a stream finishing after its run) rewrites
     # the row; the outcome recorded elsewhere must survive it.
-    ledger._put_run(run.snapshot())
+    ledger.recorder.put_run(run.snapshot())
     ledger.flush()
     stored = runs_by_name(ledger)["support"]
     assert ("ticket_closed", Decimal("12")) == (stored["outcome"], stored["outcome_value"])

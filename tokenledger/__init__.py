@@ -112,7 +112,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def run(name: str, *, tags: Mapping[str, object] | None = None, budget: Any = None) -> RunContext:
+def run(
+    name: str, *, tags: Mapping[str, object] | None = None, budget: Budget | None = None
+) -> RunContext:
     """Start a run on the default ledger: ``with tokenledger.run("triage") as run:``."""
     from tokenledger.ledger import default_ledger
 
@@ -129,7 +131,7 @@ def agent(
     /,
     *,
     tags: Mapping[str, object] | None = None,
-    budget: Any = None,
+    budget: Budget | None = None,
     outcome: Callable[[Any], Any] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
@@ -139,24 +141,19 @@ def agent(
     /,
     *,
     tags: Mapping[str, object] | None = None,
-    budget: Any = None,
+    budget: Budget | None = None,
     outcome: Callable[[Any], Any] | None = None,
 ) -> Any:
     """Decorate an agent function; each call is a run on the default ledger.
 
     The default ledger is looked up when the function is called, not when it is
-    decorated, so ``tokenledger.configure(...)`` may come after the decorator.
+    decorated, so ``tokenledger.configure(...)`` may come after the decorator. Accepts
+    and refuses exactly what `Ledger.agent` does.
     """
-    from tokenledger.ledger import _check_name, _check_run_budget, default_ledger
-    from tokenledger.runs import make_agent_decorator, validate_tags
+    from tokenledger.ledger import default_ledger
+    from tokenledger.runs import agent_decorator
 
-    if callable(name):
-        return make_agent_decorator(default_ledger, None, {}, None)(name)
-    if name is not None:
-        _check_name(name)
-    _check_run_budget(budget, where=f"agent `{name}`")
-    clean = validate_tags(tags, where=f"agent `{name}`")
-    return make_agent_decorator(default_ledger, name, clean, budget, outcome)
+    return agent_decorator(default_ledger, name, tags=tags, budget=budget, outcome=outcome)
 
 
 def flush(timeout: float | None = 10.0) -> bool:

@@ -42,17 +42,19 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tokenledger import semconv as sc
+from tokenledger._internal import internal_error
 from tokenledger.exceptions import (
     BudgetExceeded,
     CaptureUnsupportedError,
     LedgerError,
     UsageError,
 )
-from tokenledger.records import CallRecord, TokenUsage, new_id, utcnow
+from tokenledger.records import CallRecord, TokenUsage, new_call, new_id, utcnow
 from tokenledger.runs import current_run
 from tokenledger.usage import usage_from_response
 
 if TYPE_CHECKING:
+    from tokenledger._recorder import CallRecorder
     from tokenledger.ledger import Ledger
     from tokenledger.runs import Run
 
@@ -124,9 +126,9 @@ class PendingCall:
         "downgraded_to",
         "failures_seen",
         "kwargs_messages",
-        "ledger",
         "max_attempts",
         "provider",
+        "recorder",
         "request",
         "reservation",
         "run",
@@ -135,8 +137,8 @@ class PendingCall:
         "stream",
     )
 
-    def __init__(self, ledger: Ledger, run: Run | None, call: CallRecord) -> None:
-        self.ledger = ledger
+    def __init__(self, recorder: CallRecorder, run: Run | None, call: CallRecord) -> None:
+        self.recorder = recorder
         self.run = run
         self.call = call
         self.start_ns = time.time_ns()
@@ -159,6 +161,22 @@ class PendingCall:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PendingCall:
         return self
+
+    def reserve(self, request: dict[str, Any] | None = None) -> None:
+        """Reserve this call on every budget that applies, before its request is sent.
+
+        Raises `BudgetExceeded` (send nothing) or sets `model_to_send` to a cheaper model.
+        """
+        self.recorder.before_call(self, self.request if request is None else request)
+
+    def release(self) -> None:
+        """The request will not be sent: give back what was reserved for it."""
+        self.recorder.release(self)
+
+    def watch_stream(self) -> None:
+        """The response is a stream still being read: should its run end first, the
+        run records it as abandoned."""
+        self.recorder.watch_stream(self)
 
     @property
     def model_to_send(self) -> str | None:
@@ -239,7 +257,7 @@ class PendingCall:
             if isinstance(exception, BudgetExceeded):
                 # Refused before the request: nothing was sent, nothing to record.
                 self.claim()
-                self.ledger._release(self)
+                self.release()
                 return
             marker = id(exception)
             if marker in self.failures_seen or self.attempts >= self.max_attempts:
@@ -318,7 +336,7 @@ class PendingCall:
         call.finish_reasons = finish_reasons
         call.provider = provider_name(self.provider) or call.provider
         self.attempts += 1
-        self.ledger._complete_call(self, provider_cost=provider_cost, usage=usage)
+        self.recorder.complete_call(self, provider_cost=provider_cost, usage=usage)
 
 
 # -- the hooks --------------------------------------------------------------------------
@@ -358,20 +376,15 @@ def _start_pending(
         ledger = ledger_or_none
     model = args[0] if args else kwargs.get("model")
     max_tokens = kwargs.get("max_tokens") or kwargs.get("max_completion_tokens")
-    call = CallRecord(
-        id=new_id(),
-        run_id=run.id if run is not None else None,
-        root_run_id=run.root_id if run is not None else None,
+    call = new_call(
+        run,
         operation=operation_of(call_type),
-        provider=None,
-        requested_model=model if isinstance(model, str) else None,
-        model=None,
-        started_at=utcnow(),
+        model=model if isinstance(model, str) else None,
         streamed=bool(kwargs.get("stream")),
         litellm_call_id=kwargs.get("litellm_call_id"),
         max_tokens=max_tokens if isinstance(max_tokens, int) else None,
     )
-    pending = PendingCall(ledger, run, call)
+    pending = PendingCall(ledger.recorder, run, call)
     pending.kwargs_messages = kwargs.get("messages")
     return pending
 
@@ -408,7 +421,7 @@ def begin_call(
     """
     pending = _begin(operation, model, provider, request, max_tokens, stream, run)
     if pending is not None:
-        pending.ledger._before_call(pending, pending.request)
+        pending.reserve()
     return pending
 
 
@@ -424,7 +437,7 @@ async def abegin_call(
 ) -> PendingCall | None:
     """`begin_call` for async code: the reservation runs in a worker thread."""
     pending = _begin(operation, model, provider, request, max_tokens, stream, run)
-    if pending is not None and pending.ledger._budgets.may_apply(pending.run):
+    if pending is not None and pending.recorder.may_reserve(pending.run):
         await _reserve_in_thread(pending, pending.request)
     return pending
 
@@ -439,7 +452,7 @@ async def _reserve_in_thread(pending: PendingCall, request: dict[str, Any]) -> N
     """
     import asyncio
 
-    future = asyncio.ensure_future(asyncio.to_thread(pending.ledger._before_call, pending, request))
+    future = asyncio.ensure_future(asyncio.to_thread(pending.reserve, request))
     try:
         await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -455,9 +468,9 @@ def _give_back(pending: PendingCall, done: Any) -> None:
 
     def release() -> None:
         try:
-            pending.ledger._release(pending)
-        except Exception:
-            logger.exception("tokenledger could not give back a cancelled call's reservation")
+            pending.release()
+        except Exception as exc:
+            internal_error(exc, "could not give back a cancelled call's reservation")
 
     try:
         done.get_loop().run_in_executor(None, release)
@@ -498,10 +511,10 @@ def _function_setup(
             if kwargs.get("is_async_call", True) and _originals.get("async_hook") is not None:
                 # In an event loop: reserve in a worker thread from the async hook below,
                 # never blocking the loop here. Skipped outright when no budget can apply.
-                pending.deferred = pending.ledger._budgets.may_apply(pending.run)
+                pending.deferred = pending.recorder.may_reserve(pending.run)
             else:
                 # May raise BudgetExceeded (no request is sent) or change the model.
-                pending.ledger._before_call(pending, kwargs)
+                pending.reserve(kwargs)
     except (BudgetExceeded, LedgerError):
         # A refusal, or budgets failing closed: no request may be sent.
         raise
@@ -515,7 +528,7 @@ def _function_setup(
         )
     except BaseException:
         if pending is not None:
-            pending.ledger._release(pending)
+            pending.release()
         raise
     if pending is not None:
         try:
@@ -592,8 +605,7 @@ def _update_response_metadata(
             result.__class__ = tracked
             result._tokenledger_pending = pending
             pending.stream = weakref.ref(result)
-            if pending.run is not None:
-                pending.run.ledger._open_stream(pending)
+            pending.watch_stream()
             return
         _finish_response(pending, result, logging_obj)
     except Exception:

@@ -10,21 +10,20 @@ import datetime as dt
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from tokenledger import capture as _capture
+from tokenledger._recorder import Recorder
 from tokenledger.exceptions import ConfigurationError
-from tokenledger.records import CallRecord, PriceRecord, RunRecord, TokenUsage, new_id, utcnow
-from tokenledger.runs import Run, RunContext, current_run, make_agent_decorator, validate_tags
+from tokenledger.records import CallRecord, PriceRecord, new_call, utcnow
+from tokenledger.runs import Run, RunContext, agent_decorator, current_run, new_run_context
 from tokenledger.spans import Telemetry
 
 if TYPE_CHECKING:
     import sqlalchemy
 
-    from tokenledger.budgets import BudgetStatus
-    from tokenledger.capture import PendingCall
+    from tokenledger.budgets import Budget, BudgetStatus
     from tokenledger.pricing import PriceBook
     from tokenledger.queries import OutcomeEconomics, ReportRow
     from tokenledger.writer import BatchWriter
@@ -95,19 +94,17 @@ class Ledger:
         self.record_calls_outside_runs = record_calls_outside_runs
         self._engine: sqlalchemy.Engine = storage.create_engine_for(url)
         schema.ensure_schema(self._engine)
-        self._writer: BatchWriter = BatchWriter(
+        writer = BatchWriter(
             self._engine,
             max_delay=float(flush_interval),
             durability=durability,  # type: ignore[arg-type]  # validated by the writer
             max_buffer_rows=max_buffer_rows,
             spool_dir=spool_dir,
         )
-        self._telemetry = Telemetry()
         self._price_book = price_book
-        self._known_price_ids: set[str] = set()
-        self._streams_lock = threading.Lock()
-        self._open_streams: dict[str, list[PendingCall]] = {}
         self._closed = False
+        #: The call pipeline: runs, pending calls and integrations record through it.
+        self.recorder = Recorder(writer=writer, telemetry=Telemetry(), prices=lambda: self.prices)
         if not isinstance(budget_lease_seconds, (int, float)) or not budget_lease_seconds > 0:
             raise ConfigurationError(
                 f"`budget_lease_seconds` is {budget_lease_seconds!r}; it must be a positive "
@@ -118,7 +115,7 @@ class Ledger:
                 f"`default_max_output_tokens` is {default_max_output_tokens!r}; it must be a "
                 "positive whole number of tokens."
             )
-        self._budgets = BudgetEnforcer(
+        self._budgets = self.recorder.budgets = BudgetEnforcer(
             self,
             lease_seconds=float(budget_lease_seconds),
             default_max_output_tokens=default_max_output_tokens,
@@ -147,6 +144,15 @@ class Ledger:
         return database_path(self._engine.url)
 
     @property
+    def _writer(self) -> BatchWriter:
+        # Tests swap the writer (a durable one, a stalled one) through this.
+        return self.recorder.writer
+
+    @_writer.setter
+    def _writer(self, writer: BatchWriter) -> None:
+        self.recorder.writer = writer
+
+    @property
     def engine(self) -> sqlalchemy.Engine:
         return self._engine
 
@@ -166,16 +172,14 @@ class Ledger:
         name: str,
         *,
         tags: Mapping[str, object] | None = None,
-        budget: Any = None,
+        budget: Budget | None = None,
     ) -> RunContext:
         """Start a run: ``with ledger.run("triage", tags={"user": "42"}) as run:``.
 
         Works with ``async with`` too. A run started inside another is its child and
         inherits its tags. .. versionadded:: 0.1.0
         """
-        _check_name(name)
-        _check_run_budget(budget, where=f"run `{name}`")
-        return RunContext(self, name, validate_tags(tags, where=f"run `{name}`"), budget)
+        return new_run_context(self, name, tags=tags, budget=budget)
 
     @overload
     def agent(self, name: Callable[P, R], /) -> Callable[P, R]: ...
@@ -187,7 +191,7 @@ class Ledger:
         /,
         *,
         tags: Mapping[str, object] | None = None,
-        budget: Any = None,
+        budget: Budget | None = None,
         outcome: Callable[[Any], Any] | None = None,
     ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
 
@@ -197,7 +201,7 @@ class Ledger:
         /,
         *,
         tags: Mapping[str, object] | None = None,
-        budget: Any = None,
+        budget: Budget | None = None,
         outcome: Callable[[Any], Any] | None = None,
     ) -> Any:
         """Decorate an agent function so each call of it is one run.
@@ -207,18 +211,7 @@ class Ledger:
         qualified name. ``outcome`` maps the return value to an outcome label, or to a
         ``(label, value)`` pair, or to None for no outcome. .. versionadded:: 0.1.0
         """
-        if callable(name):
-            return make_agent_decorator(lambda: self, None, {}, None)(name)
-        if name is not None:
-            _check_name(name)
-        _check_run_budget(budget, where=f"agent `{name}`")
-        if outcome is not None and not callable(outcome):
-            raise ConfigurationError(
-                f"`outcome` of agent `{name}` is {outcome!r}; give a function of the return "
-                "value, e.g. outcome=lambda r: 'resolved' if r.ok else None."
-            )
-        clean = validate_tags(tags, where=f"agent `{name}`")
-        return make_agent_decorator(lambda: self, name, clean, budget, outcome)
+        return agent_decorator(lambda: self, name, tags=tags, budget=budget, outcome=outcome)
 
     @staticmethod
     def current_run() -> Run | None:
@@ -249,7 +242,7 @@ class Ledger:
             reasoning_per_million=reasoning_per_million,
             provider=provider,
         )
-        self._put_price(price)
+        self.recorder.put_price(price)
         return price
 
     # -- budgets ------------------------------------------------------------------------
@@ -363,39 +356,6 @@ class Ledger:
                 "(`tokenledger runs` lists them)."
             )
 
-    def _record_charge(self, run: Run, name: str, usd: Any) -> CallRecord:
-        from tokenledger.capture import PendingCall
-        from tokenledger.runs import parse_usd_amount
-
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise ConfigurationError(
-                f"Charge name {name!r} is invalid; name the tool or resource in at most 200 "
-                "characters, e.g. 'web_search'."
-            )
-        amount = parse_usd_amount(usd, what=f"Charge `{name}` has `usd`")
-        if amount is None:
-            raise ConfigurationError(
-                f'Charge `{name}` has no `usd`; give its cost, e.g. usd="0.005".'
-            )
-        call = CallRecord(
-            id=new_id(),
-            run_id=run.id,
-            root_run_id=run.root_id,
-            operation="execute_tool",
-            provider=None,
-            requested_model=None,
-            model=None,
-            started_at=utcnow(),
-            tool_name=name,
-            cost_usd=amount,
-            cost_source="charge",
-        )
-        pending = PendingCall(self, run, call)
-        pending.account_spend = True
-        pending.claim()
-        pending.finish(status="ok", usage=None, model=None)
-        return call
-
     # -- low-level recording ------------------------------------------------------------
     def record_call(
         self,
@@ -420,7 +380,6 @@ class Ledger:
         call. ``cost_usd`` records a cost the provider reported (source ``provider``).
         Bad counts raise `UsageError`. .. versionadded:: 0.1.0
         """
-        from tokenledger.capture import PendingCall
         from tokenledger.usage import usage_from_response
 
         usage = usage_from_response(
@@ -438,22 +397,11 @@ class Ledger:
                 f"`status` is {status!r}; it must be one of ok, error, abandoned, refused."
             )
         run = current_run()
-        call = CallRecord(
-            id=new_id(),
-            run_id=run.id if run else None,
-            root_run_id=run.root_id if run else None,
-            operation=operation,
+        call = new_call(run, operation=operation, model=model, streamed=streamed)
+        return self.recorder.record_finished(
+            run,
+            call,
             provider=provider,
-            requested_model=model,
-            model=model,
-            started_at=utcnow(),
-            streamed=streamed,
-        )
-        pending = PendingCall(self, run, call)
-        pending.provider = provider
-        pending.account_spend = True
-        pending.claim()
-        pending.finish(
             status=status,
             usage=usage,
             model=model,
@@ -461,121 +409,11 @@ class Ledger:
             provider_cost={"cost": cost_usd} if cost_usd is not None else None,
             latency_ms=latency_ms,
         )
-        return call
-
-    # -- the capture pipeline (shared by litellm capture and every integration) --------
-    def _before_call(self, pending: PendingCall, kwargs: dict[str, Any]) -> None:
-        """Before a request leaves the process: reserve it on every budget that applies.
-
-        Raises `BudgetExceeded` (no request is sent) or changes ``kwargs["model"]`` to a
-        cheaper model when a ``downgrade`` budget says so.
-        """
-        self._budgets.before_call(pending, kwargs)
-
-    def _release(self, pending: PendingCall) -> None:
-        """The request was never sent: give back anything reserved for it."""
-        self._budgets.release(pending)
-
-    def _complete_call(
-        self, pending: PendingCall, *, provider_cost: Any = None, usage: TokenUsage | None = None
-    ) -> None:
-        """Price, trace, total and queue a finished call. ``usage``: the `TokenUsage` its
-        counts were just set from, if the caller has it (saves building it again)."""
-        call = pending.call
-        try:
-            self._price(pending, provider_cost, usage)
-        except Exception:
-            logger.exception("tokenledger could not price call %s; cost left unknown", call.id)
-        run = pending.run
-        end_ns = time.time_ns()
-        parent_span = run.span if run is not None else None
-        call.trace_id, call.span_id = self._telemetry.call_span(
-            call, parent_span, pending.start_ns, end_ns
-        )
-        self._telemetry.record_metrics(call)
-        if run is not None:
-            run.add_call(call)
-        if pending.reservation is not None:
-            self._budgets.after_call(pending)
-        elif pending.account_spend:
-            self._budgets.add_spend(pending)
-        self._writer.put_call(call)
-
-    def _price(
-        self, pending: PendingCall, provider_cost: Any, usage: TokenUsage | None = None
-    ) -> None:
-        call = pending.call
-        if call.cost_source == "charge":
-            return  # a tool charge carries its own cost
-        if provider_cost is not None and _trusts_provider_cost(pending.provider, provider_cost):
-            from tokenledger.usage import provider_cost as parse_provider_cost
-
-            reported = parse_provider_cost(provider_cost)
-            if reported is not None:
-                call.cost_usd = reported
-                call.cost_source = "provider"
-        book = self.prices
-        price = None
-        for model in (call.model, call.requested_model):
-            if model:
-                price = book.lookup(model, pending.provider)
-                if price is not None:
-                    break
-        if call.usage_estimated and not (call.input_tokens or call.output_tokens):
-            # The usage could not be read: pricing zero tokens would record a false $0.
-            if call.cost_usd is None:
-                from tokenledger.pricing import warn_unpriced
-
-                warn_unpriced(call.model or call.requested_model or "<unknown>")
-            return
-        if price is not None:
-            call.price_id = price.id
-            if price.id not in self._known_price_ids:
-                self._put_price(price)
-            if call.cost_usd is None:
-                call.cost_usd = book.cost(price, call.usage if usage is None else usage)
-                call.cost_source = "local"
-        elif call.cost_usd is None:
-            from tokenledger.pricing import warn_unpriced
-
-            warn_unpriced(call.model or call.requested_model or "<unknown>")
-
-    def _open_stream(self, pending: PendingCall) -> None:
-        run = pending.run
-        if run is None:
-            return
-        with self._streams_lock:
-            open_calls = self._open_streams.setdefault(run.id, [])
-            if len(open_calls) >= 64 and not len(open_calls) & (len(open_calls) - 1):
-                # A long run with many watched calls: drop the finished ones whenever
-                # the list doubles, so memory follows what is open, not what was.
-                open_calls[:] = [p for p in open_calls if not p.done]
-            open_calls.append(pending)
-
-    def _run_started(self, run: Run) -> None:
-        self._writer.put_run(run.snapshot())
-
-    def _run_ending(self, run: Run) -> None:
-        with self._streams_lock:
-            streams = self._open_streams.pop(run.id, None)
-        for pending in streams or ():
-            if not pending.done:
-                _capture.finish_abandoned(pending)
-        if run.budget is not None:
-            # Nothing more is reserved against this run's own budget once it ends.
-            self._budgets.forget_run(run)
-
-    def _put_run(self, record: RunRecord) -> None:
-        self._writer.put_run(record)
-
-    def _put_price(self, price: PriceRecord) -> None:
-        self._known_price_ids.add(price.id)
-        self._writer.put_price(price)
 
     # -- lifecycle ----------------------------------------------------------------------
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Write every recorded row now; True when all landed within ``timeout``."""
-        return self._writer.flush(timeout)
+        return self.recorder.writer.flush(timeout)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Flush, stop the writer and release the database connections."""
@@ -584,7 +422,7 @@ class Ledger:
         self._closed = True
         if _capture.capture_ledger() is self:
             _capture.set_capture_ledger(None)
-        self._writer.close(timeout)
+        self.recorder.writer.close(timeout)
         self._budgets.store.dispose()
         self._engine.dispose()
 
@@ -596,38 +434,6 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"<Ledger {self.url}>"
-
-
-def _trusts_provider_cost(provider: str | None, raw: Any) -> bool:
-    # Only a cost the provider itself reported: litellm also writes its own estimate to
-    # `usage.cost` on some paths, which is not the provider's bill.
-    return provider == "openrouter" or (isinstance(raw, dict) and "cost" in raw and len(raw) == 1)
-
-
-def _check_run_budget(budget: object, *, where: str) -> None:
-    from tokenledger.budgets import Budget
-
-    if budget is None:
-        return
-    if not isinstance(budget, Budget):
-        raise ConfigurationError(
-            f"`budget` of {where} is {budget!r}; give a tokenledger.Budget, "
-            'e.g. budget=Budget(usd="0.50").'
-        )
-    if budget.per != "run":
-        raise ConfigurationError(
-            f"`budget` of {where} has per={budget.per!r}; a budget on a run caps that run "
-            "(per='run'). For a window shared across runs use "
-            f"ledger.set_budget('agent:NAME', usd=..., per={budget.per!r})."
-        )
-
-
-def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise ConfigurationError(
-            f"Run name {name!r} is invalid; a run name must be a non-empty string of at "
-            "most 200 characters."
-        )
 
 
 # -- the process-wide default ledger ---------------------------------------------------

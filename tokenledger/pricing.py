@@ -38,13 +38,20 @@ from decimal import Context, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
 
-from tokenledger.exceptions import ConfigurationError, PriceError, UnpricedModelWarning
-from tokenledger.records import PriceRecord, TokenUsage, utcnow
+from tokenledger.exceptions import (
+    ConfigurationError,
+    PriceError,
+    UnpricedModelWarning,
+    UsageError,
+)
+from tokenledger.records import CallRecord, PriceRecord, TokenUsage, utcnow
+from tokenledger.usage import provider_cost as parse_provider_cost
 
 __all__ = [
     "LIVE_MAP_URL",
     "PriceBook",
     "default_price_book",
+    "price_call",
     "warn_unpriced",
 ]
 
@@ -675,6 +682,66 @@ def _load_bundled_map() -> tuple[Mapping[str, Any], str]:
 
 
 _bundled = _BundledMap()
+
+
+# -- the cost of one call ------------------------------------------------------------------
+
+
+def price_call(
+    book: PriceBook,
+    call: CallRecord,
+    provider: str | None,
+    provider_cost: Any = None,
+    usage: TokenUsage | None = None,
+) -> PriceRecord | None:
+    """Decide a finished call's cost: set ``call.cost_usd``, ``cost_source`` and
+    ``price_id``, and return the price used (None when none was).
+
+    The one place a call's cost is decided. A tool charge keeps the cost it carries. A
+    cost the provider itself reported wins over the price table (source ``provider``);
+    otherwise the price of the served model, else of the requested one, is applied to
+    the usage (source ``local``; ``usage`` saves rebuilding it from the call). A call
+    whose usage could not be read is left unpriced rather than priced at zero tokens,
+    and a model with no price warns once per process (`warn_unpriced`).
+    """
+    if call.cost_source == "charge":
+        return None  # a tool charge carries its own cost
+    if provider_cost is not None and _trusts_provider_cost(provider, provider_cost):
+        try:
+            reported = parse_provider_cost(provider_cost)
+        except UsageError as exc:
+            logger.warning("tokenledger left a call's cost unknown: %s", exc)
+            return None
+        if reported is not None:
+            call.cost_usd = reported
+            call.cost_source = "provider"
+    price = None
+    for model in (call.model, call.requested_model):
+        if model:
+            price = book.lookup(model, provider)
+            if price is not None:
+                break
+    if call.usage_estimated and not (call.input_tokens or call.output_tokens):
+        # The usage could not be read: pricing zero tokens would record a false $0.
+        if call.cost_usd is None:
+            warn_unpriced(call.model or call.requested_model or "<unknown>")
+        return None
+    if price is None:
+        if call.cost_usd is None:
+            warn_unpriced(call.model or call.requested_model or "<unknown>")
+        return None
+    call.price_id = price.id
+    if call.cost_usd is None:
+        call.cost_usd = book.cost(price, call.usage if usage is None else usage)
+        call.cost_source = "local"
+    return price
+
+
+def _trusts_provider_cost(provider: str | None, raw: Any) -> bool:
+    # Only a cost the provider itself reported: litellm also writes its own estimate to
+    # `usage.cost` on some paths, which is not the provider's bill. OpenRouter reports
+    # its bill there; `{"cost": x}` is what `Ledger.record_call(cost_usd=x)` passes.
+    return provider == "openrouter" or (isinstance(raw, dict) and "cost" in raw and len(raw) == 1)
 
 
 # -- unpriced models ------------------------------------------------------------------------

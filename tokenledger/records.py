@@ -12,7 +12,7 @@ import itertools
 import os
 import uuid
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 __all__ = [
     "CallRecord",
@@ -22,6 +22,7 @@ __all__ = [
     "RunRecord",
     "RunStatus",
     "TokenUsage",
+    "new_call",
     "new_id",
     "utcnow",
 ]
@@ -184,6 +185,37 @@ class CallRecord:
 
     def as_row(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class _RunIds(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def root_id(self) -> str: ...
+
+
+def new_call(
+    run: _RunIds | None,
+    *,
+    operation: str,
+    model: str | None,
+    started_at: dt.datetime | None = None,
+    **fields: Any,
+) -> CallRecord:
+    """The record of a call starting now (or at ``started_at``) in ``run`` (None: in no
+    run) that asked for ``model``; ``fields`` sets any other `CallRecord` field."""
+    return CallRecord(
+        id=new_id(),
+        run_id=run.id if run is not None else None,
+        root_run_id=run.root_id if run is not None else None,
+        operation=operation,
+        provider=None,
+        requested_model=model,
+        model=None,
+        started_at=utcnow() if started_at is None else started_at,
+        **fields,
+    )
 
 
 @dataclasses.dataclass(slots=True)

@@ -20,10 +20,13 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from tokenledger._money import AmountError, parse_usd
 from tokenledger.exceptions import BudgetExceeded, ConfigurationError
-from tokenledger.records import CallRecord, RunRecord, new_id, utcnow
+from tokenledger.records import CallRecord, RunRecord, new_call, new_id, utcnow
 
 if TYPE_CHECKING:
+    from tokenledger._recorder import CallRecorder
+    from tokenledger.budgets import Budget
     from tokenledger.ledger import Ledger
 
 __all__ = ["Run", "RunContext", "bind_context", "current_run"]
@@ -65,6 +68,7 @@ def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
 
 
 MAX_OUTCOME_LENGTH = 200
+MAX_NAME_LENGTH = 200  # run names and charge names
 
 
 def parse_outcome(label: object, value: object) -> tuple[str, Decimal | None]:
@@ -81,19 +85,51 @@ def parse_usd_amount(value: object, *, what: str) -> Decimal | None:
     """An optional amount of US dollars given as str, int or Decimal."""
     if value is None:
         return None
-    if isinstance(value, (bool, float)) or not isinstance(value, (str, int, Decimal)):
-        raise ConfigurationError(
-            f'{what}={value!r}; give an amount of US dollars as a string or Decimal, e.g. "4.00".'
-        )
     try:
-        amount = Decimal(str(value).strip())
-    except ArithmeticError:
-        amount = Decimal("NaN")
-    if not amount.is_finite() or amount < 0 or amount > Decimal("1000000000"):
+        return parse_usd(value)
+    except AmountError as exc:
+        if exc.reason == "range":
+            raise ConfigurationError(
+                f"{what}={_shown(value)}; it must be an amount of US dollars from 0 to "
+                "1,000,000,000."
+            ) from None
         raise ConfigurationError(
-            f"{what}={value!r}; it must be an amount of US dollars from 0 to 1,000,000,000."
+            f"{what}={_shown(value)}; give an amount of US dollars as a string or Decimal, "
+            'e.g. "4.00".'
+        ) from None
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a megabyte-long argument must not be
+    echoed whole in an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def check_run_name(name: object) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
+        raise ConfigurationError(
+            f"Run name {_shown(name)} is invalid; a run name must be a non-empty string of at "
+            f"most {MAX_NAME_LENGTH} characters."
         )
-    return amount
+
+
+def check_run_budget(budget: object, *, where: str) -> None:
+    from tokenledger.budgets import Budget
+
+    if budget is None:
+        return
+    if not isinstance(budget, Budget):
+        raise ConfigurationError(
+            f"`budget` of {where} is {_shown(budget)}; give a tokenledger.Budget, "
+            'e.g. budget=Budget(usd="0.50").'
+        )
+    if budget.per != "run":
+        raise ConfigurationError(
+            f"`budget` of {where} has per={budget.per!r}; a budget on a run caps that run "
+            "(per='run'). For a window shared across runs use "
+            f"ledger.set_budget('agent:NAME', usd=..., per={budget.per!r})."
+        )
 
 
 def _unstorable(text: str) -> bool:
@@ -152,6 +188,7 @@ class Run:
         "_ended",
         "_lock",
         "_otel_token",
+        "_recorder",
         "_span",
         "_token",
         "budget",
@@ -172,9 +209,10 @@ class Run:
         *,
         tags: dict[str, str],
         parent: Run | None,
-        budget: Any = None,
+        budget: Budget | None = None,
     ) -> None:
         self.ledger = ledger
+        self._recorder: CallRecorder = ledger.recorder
         self.parent = parent
         self.root: Run = parent.root if parent is not None else self
         run_id = new_id()
@@ -187,7 +225,7 @@ class Run:
             tags=merged,
             started_at=utcnow(),
         )
-        self.budget = budget
+        self.budget: Any = budget  # Budget | None; narrowed where budgets are enforced
         # One lock per run tree: calls from many threads update a run and its ancestors.
         self._lock: threading.Lock = parent._lock if parent is not None else threading.Lock()
         self._span: trace.Span | None = None
@@ -254,25 +292,30 @@ class Run:
                     rewrite.append(run.snapshot())
                 run = run.parent
         for snapshot in rewrite:
-            self.ledger._put_run(snapshot)
+            self._recorder.put_run(snapshot)
 
     def snapshot(self) -> RunRecord:
         rec = self.record
         return RunRecord(**{**rec.as_row(), "tags": dict(rec.tags)})
 
     # -- lifecycle ----------------------------------------------------------------------
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Open the run (its span and row) and make it current in this context.
+
+        `RunContext` and the agent decorator call it; integrations call it (then
+        `detach`) for runs a framework's callbacks open.
+        """
         parent_span = self.parent._span if self.parent is not None else None
-        span = self.ledger._telemetry.start_run_span(
+        span = self._recorder.telemetry.start_run_span(
             self.name, self.id, self.record.tags, parent_span
         )
         self._span = span
         self.record.trace_id, self.record.span_id = _ids(span)
         self._token = _current_run.set(self)
         self._otel_token = otel_context.attach(trace.set_span_in_context(span))
-        self.ledger._run_started(self)
+        self._recorder.run_started(self)
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
         """Leave the started run open but no longer current in this context.
 
         For runs whose body does not execute in the context that started them: the
@@ -286,7 +329,9 @@ class Run:
             otel_context.detach(cast(Any, self._otel_token))
             self._otel_token = None
 
-    def _finish(self, exc: BaseException | None) -> None:
+    def end(self, exc: BaseException | None = None) -> None:
+        """Close the run: its status from ``exc`` (None: ok), abandoned streams recorded,
+        its span ended and its final row written."""
         rec = self.record
         if isinstance(exc, BudgetExceeded):
             rec.status = "budget_exceeded"
@@ -297,7 +342,7 @@ class Run:
         elif rec.status == "running":
             rec.status = "ok"
         try:
-            self.ledger._run_ending(self)
+            self._recorder.run_ending(self)
         finally:
             rec.ended_at = utcnow()
             with self._lock:
@@ -313,8 +358,8 @@ class Run:
                     _current_run.reset(self._token)
                 self._token = None
             if self._span is not None:
-                self.ledger._telemetry.end_run_span(self._span, snapshot)
-            self.ledger._put_run(snapshot)
+                self._recorder.telemetry.end_run_span(self._span, snapshot)
+            self._recorder.put_run(snapshot)
 
     def mark_budget_exceeded(self) -> None:
         self.record.status = "budget_exceeded"
@@ -336,7 +381,7 @@ class Run:
             ended = self._ended
             snapshot = self.snapshot() if ended else None
         if snapshot is not None:
-            self.ledger._put_run(snapshot)
+            self._recorder.put_run(snapshot)
 
     def charge(self, name: str, *, usd: object) -> CallRecord:
         """Record a cost that is not a model call — a search API, a paid tool, a
@@ -344,7 +389,25 @@ class Run:
 
         ``run.charge("web_search", usd="0.005")``. .. versionadded:: 0.1.0
         """
-        return self.ledger._record_charge(self, name, usd)
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
+            raise ConfigurationError(
+                f"Charge name {_shown(name)} is invalid; name the tool or resource in at most "
+                f"{MAX_NAME_LENGTH} characters, e.g. 'web_search'."
+            )
+        amount = parse_usd_amount(usd, what=f"Charge `{name}` has `usd`")
+        if amount is None:
+            raise ConfigurationError(
+                f'Charge `{name}` has no `usd`; give its cost, e.g. usd="0.005".'
+            )
+        call = new_call(
+            self,
+            operation="execute_tool",
+            model=None,
+            tool_name=name,
+            cost_usd=amount,
+            cost_source="charge",
+        )
+        return self._recorder.record_finished(self, call)
 
     def __repr__(self) -> str:
         return (
@@ -364,7 +427,9 @@ class RunContext:
 
     __slots__ = ("_budget", "_ledger", "_name", "_run", "_tags")
 
-    def __init__(self, ledger: Ledger, name: str, tags: dict[str, str], budget: Any = None) -> None:
+    def __init__(
+        self, ledger: Ledger, name: str, tags: dict[str, str], budget: Budget | None = None
+    ) -> None:
         self._ledger = ledger
         self._name = name
         self._tags = tags
@@ -379,7 +444,7 @@ class RunContext:
             parent=_current_run.get(),
             budget=self._budget,
         )
-        run._start()
+        run.start()
         self._run = run
         return run
 
@@ -391,7 +456,7 @@ class RunContext:
     ) -> None:
         run, self._run = self._run, None
         if run is not None:
-            run._finish(exc)
+            run.end(exc)
 
     async def __aenter__(self) -> Run:
         return self.__enter__()
@@ -417,12 +482,63 @@ def _apply_outcome(run: Run, outcome: Callable[[Any], Any] | None, result: Any) 
         run.outcome(mapped)
 
 
-def make_agent_decorator(
+def new_run_context(
+    ledger: Ledger,
+    name: object,
+    *,
+    tags: Mapping[str, object] | None,
+    budget: object,
+) -> RunContext:
+    """``ledger.run(...)`` and ``tokenledger.run(...)``: check the arguments, then make
+    the context that starts the run."""
+    check_run_name(name)
+    assert isinstance(name, str)
+    check_run_budget(budget, where=f"run `{name}`")
+    clean = validate_tags(tags, where=f"run `{name}`")
+    return RunContext(ledger, name, clean, cast("Budget | None", budget))
+
+
+def agent_decorator(
+    ledger_getter: Callable[[], Ledger],
+    name: object,
+    *,
+    tags: Mapping[str, object] | None = None,
+    budget: object = None,
+    outcome: object = None,
+) -> Any:
+    """``@ledger.agent`` and ``@tokenledger.agent``, with or without arguments.
+
+    The one builder for both, so they accept and refuse the same arguments: a bad
+    name, budget, outcome or tag is a `ConfigurationError` here, at decoration time,
+    never an error inside the decorated function. ``ledger_getter`` is called each time
+    the function runs (the default ledger may be configured after decoration).
+    """
+    if callable(name):
+        return _make_decorator(ledger_getter, None, {}, None, None)(name)
+    if name is not None:
+        check_run_name(name)
+    check_run_budget(budget, where=f"agent `{name}`")
+    if outcome is not None and not callable(outcome):
+        raise ConfigurationError(
+            f"`outcome` of agent `{name}` is {_shown(outcome)}; give a function of the "
+            "return value, e.g. outcome=lambda r: 'resolved' if r.ok else None."
+        )
+    clean = validate_tags(tags, where=f"agent `{name}`")
+    return _make_decorator(
+        ledger_getter,
+        cast("str | None", name),
+        clean,
+        cast("Budget | None", budget),
+        cast("Callable[[Any], Any] | None", outcome),
+    )
+
+
+def _make_decorator(
     ledger_getter: Callable[[], Ledger],
     name: str | None,
     tags: dict[str, str],
-    budget: Any,
-    outcome: Callable[[Any], Any] | None = None,
+    budget: Budget | None,
+    outcome: Callable[[Any], Any] | None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Build the ``@agent(...)`` decorator for sync, async, generator and async-generator
     functions. The wrapped function keeps its name, docstring and signature."""
@@ -448,7 +564,7 @@ def make_agent_decorator(
                 ctx = new_context()
                 run = ctx.__enter__()
                 gen = agen_fn(*args, **kwargs)
-                run._detach()
+                run.detach()
                 exc: BaseException | None = None
                 try:
                     sent: Any = None
@@ -476,7 +592,7 @@ def make_agent_decorator(
                     exc = e
                     raise
                 finally:
-                    run._finish(exc)
+                    run.end(exc)
 
             return cast(Callable[P, R], agen_wrapper)
 
@@ -489,7 +605,7 @@ def make_agent_decorator(
                 run = ctx.__enter__()
                 # The run is current only while the generator body executes, never in
                 # the caller between two yields.
-                run._detach()
+                run.detach()
                 gen = gen_fn(*args, **kwargs)
                 exc: BaseException | None = None
                 try:
@@ -522,7 +638,7 @@ def make_agent_decorator(
                     exc = e
                     raise
                 finally:
-                    run._finish(exc)
+                    run.end(exc)
 
             return cast(Callable[P, R], gen_wrapper)
 
