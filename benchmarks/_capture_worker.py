@@ -121,11 +121,11 @@ def family_tokenledger(sdk: bool, args: argparse.Namespace) -> dict[str, Any]:
         provider, exporter = _sdk_provider()
     litellm = _litellm()
     import tokenledger as tl
-    from tokenledger import capture
+    from tokenledger import _litellm as hooks
 
     tmp = tempfile.mkdtemp(prefix="tl-bench-")
     ledger = tl.Ledger(f"sqlite:///{tmp}/capture.db")
-    capture.install()
+    hooks.install()
     calls_per_run = args.calls_per_run
 
     def finish() -> None:
@@ -179,9 +179,9 @@ def family_tokenledger(sdk: bool, args: argparse.Namespace) -> dict[str, Any]:
     def make_block(fn: Callable[[], None], captured: bool) -> Callable[[], dict[str, float]]:
         def block() -> dict[str, float]:
             if captured:
-                capture.install()
+                hooks.install()
             else:
-                capture.uninstall()
+                hooks.uninstall()
             if exporter is not None:
                 exporter.clear()
             return _timed_block(fn, args.runs, calls_per_run, finish)
@@ -189,10 +189,10 @@ def family_tokenledger(sdk: bool, args: argparse.Namespace) -> dict[str, Any]:
         return block
 
     result = _run_rounds({k: make_block(*v) for k, v in variants.items()}, args)
-    capture.install()
+    hooks.install()
     result["pipeline"] = _pipeline(ledger, litellm, args, provider)
     result["writer"] = _writer_rows(ledger, args)
-    capture.uninstall()
+    hooks.uninstall()
     return result
 
 
@@ -407,6 +407,7 @@ def _pipeline(
     goes through (start, reserve, finish), in runs of ``calls_per_run`` calls, then the
     writer's flush. Returns caller-thread µs per call and process µs per call."""
     from benchmarks._common import Timer, median
+    from tokenledger import _litellm as hooks
     from tokenledger import capture
 
     response = litellm.completion(model=MODEL, messages=MESSAGES, mock_response="Done.")
@@ -429,9 +430,9 @@ def _pipeline(
             for _ in range(runs):
                 with ledger.run("bench-pipeline", tags={"user": "42"}):
                     for _ in range(args.calls_per_run):
-                        pending = capture._start_pending("completion", (), kwargs)
+                        pending = capture.start_pending("completion", (), kwargs)
                         pending.reserve(kwargs)
-                        capture._finish_response(pending, response, logging_obj)
+                        hooks._finish_response(pending, response, logging_obj)
             caller = time.thread_time() - t.thread0
             ledger.flush(60)
             if provider is not None:

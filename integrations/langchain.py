@@ -80,7 +80,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
     ) from exc
 
 
-from tokenledger import capture
+from tokenledger import _litellm, capture
 from tokenledger import semconv as sc
 from tokenledger.capture import PendingCall, begin_call
 from tokenledger.exceptions import BudgetExceeded, LedgerError
@@ -450,7 +450,7 @@ def _captured_below(serialized: Mapping[str, Any], metadata: Mapping[str, Any]) 
     path = tuple(ident) if isinstance(ident, list) else ()
     cls = str(path[-1]) if path else str(serialized.get("name") or "")
     if "LiteLLM" in cls or metadata.get("ls_provider") == "litellm":
-        return capture.installed()
+        return _litellm.installed()
     if path[:3] in _OPENAI_IDS:
         return _integration_active("tokenledger.integrations.openai")
     if path[:3] in _ANTHROPIC_IDS:

@@ -86,6 +86,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
 
 from opentelemetry.context import Context
 
+from tokenledger import _litellm
 from tokenledger import capture as _capture
 from tokenledger import semconv as sc
 from tokenledger.exceptions import UsageError
@@ -440,7 +441,7 @@ def _scope_of(span: ReadableSpan) -> str:
 
 def _capture_may_run() -> bool:
     """Could tokenledger itself be capturing calls in this process right now?"""
-    if _capture.installed():
+    if _litellm.installed():
         return True
     return any(name in sys.modules for name in _CAPTURING_INTEGRATIONS)
 

@@ -1,6 +1,6 @@
 """Capture of real litellm calls (``mock_response=``, offline), priced and attributed.
 
-Prices are litellm's bundled map; the hand-computed figures are in NOTES.md:
+Prices are litellm's bundled map; the hand-computed figures are in docs/internals.md:
 gpt-4o-mini is $0.15 / $0.60 per million input / output tokens, cache reads $0.075;
 claude-sonnet-4-5 is $3 / $15, cache writes $3.75, cache reads $0.30.
 """
@@ -21,7 +21,7 @@ from helpers import calls_of, runs_by_name
 from litellm.integrations.custom_logger import CustomLogger
 
 import tokenledger as tl
-from tokenledger import BudgetExceeded, Ledger, capture
+from tokenledger import BudgetExceeded, Ledger, _litellm
 from tokenledger.testing import mock_response
 
 MESSAGES = [{"role": "user", "content": "Summarise the ticket in one line."}]
@@ -38,9 +38,9 @@ def test_capture_hooks_exist_in_the_installed_litellm(ledger: Ledger) -> None:
     """Fails loudly if a litellm upgrade moves the internal interception points."""
     import litellm.utils
 
-    assert capture.installed()
-    assert litellm.utils.function_setup is capture._function_setup
-    assert litellm.utils.update_response_metadata is capture._update_response_metadata
+    assert _litellm.installed()
+    assert litellm.utils.function_setup is _litellm._function_setup
+    assert litellm.utils.update_response_metadata is _litellm._update_response_metadata
 
 
 def test_completion_in_a_run_is_recorded_and_priced(ledger: Ledger) -> None:
@@ -247,19 +247,19 @@ def test_each_fallback_attempt_is_one_row(ledger: Ledger) -> None:
 def test_a_failure_reported_twice_is_recorded_once(ledger: Ledger) -> None:
     """litellm has fired failure handlers twice for one call in several releases."""
     pendings: list[Any] = []
-    original = capture._watch_failures
+    original = _litellm._watch_failures
 
     def spy(logging_obj: Any, pending: Any) -> None:
         pendings.append(pending)
         original(logging_obj, pending)
 
     error = litellm.APIError(500, "boom", llm_provider="openai", model="gpt-4o-mini")
-    capture._watch_failures = spy
+    _litellm._watch_failures = spy
     try:
         with pytest.raises(litellm.APIError), ledger.run("dup"):
             litellm.completion(model="gpt-4o-mini", messages=MESSAGES, mock_response=error)
     finally:
-        capture._watch_failures = original
+        _litellm._watch_failures = original
     (pending,) = pendings
     pending.on_failure(error)  # the duplicate
     assert "error" == only_call(ledger)["status"]
@@ -389,11 +389,11 @@ def test_capture_switches_on_when_litellm_is_imported_after_the_ledger(tmp_path:
         "import tokenledger as tl\n"
         f"ledger = tl.Ledger('sqlite:///{tmp_path / 'l.db'}')\n"
         "import litellm\n"
-        "from tokenledger import capture\n"
+        "from tokenledger import _litellm\n"
         "with ledger.run('late'):\n"
         "    litellm.completion(model='gpt-4o-mini', messages=[{'role':'user','content':'x'}],"
         " mock_response='y')\n"
-        "print(capture.installed(), ledger.flush())\n"
+        "print(_litellm.installed(), ledger.flush())\n"
     )
     env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
     out = subprocess.run(

@@ -1,8 +1,8 @@
 """Prices from litellm's bundled map and from the user, as exact Decimals, and call costs.
 
-Figures are hand-computed from the bundled map of litellm 1.106.2 (NOTES.md has the first
-two): gpt-4o-mini is $0.15 / $0.60 per million input / output tokens, cache reads $0.075;
-claude-sonnet-4-5 is $3 / $15, cache writes $3.75, cache reads $0.30.
+Figures are hand-computed from the bundled map of litellm 1.106.2 (docs/internals.md
+works the first two by hand): gpt-4o-mini is $0.15 / $0.60 per million input / output
+tokens, cache reads $0.075; claude-sonnet-4-5 is $3 / $15, cache writes $3.75, cache reads $0.30.
 """
 
 # Expected value first, as STYLE.md asks; ruff's SIM300 wants the opposite.
@@ -43,7 +43,7 @@ from tokenledger.records import PriceRecord, TokenUsage
 ROOT = Path(__file__).resolve().parent.parent
 MILLION = Decimal(1_000_000)
 
-# The two calls hand-priced in NOTES.md.
+# The two calls hand-priced in docs/internals.md.
 OPENAI_CALL = TokenUsage(
     input_tokens=1200, output_tokens=300, cache_read_tokens=1000, reasoning_tokens=100
 )

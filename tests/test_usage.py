@@ -42,7 +42,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Item .* `ReadOnly` qualifier:Use
 
 MESSAGES = [{"role": "user", "content": "Summarise the ticket in one line."}]
 
-# The two calls hand-priced in NOTES.md, in our convention.
+# The two calls hand-priced in docs/internals.md, in our convention.
 OPENAI_CALL = TokenUsage(
     input_tokens=1200, output_tokens=300, cache_read_tokens=1000, reasoning_tokens=100
 )

@@ -126,7 +126,9 @@ class Ledger:
         self._budgets.store.definitions()
         if capture:
             _capture.set_capture_ledger(self)
-            _capture.install_when_imported()
+            from tokenledger import _litellm
+
+            _litellm.install_when_imported()
 
     # -- where the data goes ------------------------------------------------------------
     @property
