@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy as sa
 
-from tokenledger._reporting import money as _money
+from tokenledger._money import from_driver as _money
 from tokenledger._reporting import window as _window
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.pricing import PriceBook, default_price_book

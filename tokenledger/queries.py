@@ -1,8 +1,9 @@
 """Reading the ledger back: runs, calls and cost reports as typed rows.
 
-Every query is SQLAlchemy Core with bound parameters and returns the same rows on SQLite
-and on PostgreSQL, except `report` on SQLite: its SQL lives in ``tokenledger._reporting``
-(bound parameters too), so that ``tokenledger report`` can run it without importing
+Every query has bound parameters and returns the same rows on SQLite and on PostgreSQL.
+Listings, counts and cost per outcome are SQLAlchemy Core; `report` is SQL text that one
+builder (``tokenledger._report_sql``) writes for either engine, so that
+``tokenledger report`` can run the very same SQL on a SQLite file without importing
 SQLAlchemy. Money comes back as `~decimal.Decimal`, datetimes as timezone-aware
 UTC. These functions only read: they never create or migrate a database.
 
@@ -29,7 +30,7 @@ Speed: a root run's stored totals *are* the sums of its tree's calls once it has
 (its row is rewritten when it ends, after its calls), so a root-only report grouped by
 properties of runs (agent, status, day, hour, outcome, tags) sums one row per root run
 instead of one per call, and only root runs still ``running`` are summed from their
-calls (see ``_run_totals``). Grouping by model or provider, or with ``root_only=False``,
+calls (see ``tokenledger._report_sql``). Grouping by model or provider, or with ``root_only=False``,
 reads the calls. ``since`` selects runs by when they started (and calls outside runs by when
 they were sent), so a run and all of its calls stay together; ``until`` is the
 exclusive end of the same window.
@@ -40,8 +41,8 @@ Cost per successful outcome
 (one whole request each, sub-agents included). It reads each root run's stored totals and
 divides the cost of *every* run in the window (failed, errored, over budget, still
 running, or without an outcome yet) by the number of successes; `success_rule`
-documents what counts as one. Percentiles are computed in Python from the exact
-per-run costs, so both engines give the same Decimal answer.
+documents what counts as one. Percentiles are nearest-rank over the exact per-run
+costs (`nearest_rank`), so both engines give the same Decimal answer.
 
 Tag keys and values, agent names and outcome labels reach the database only as bound
 parameters, never as SQL text.
@@ -54,28 +55,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
-from tokenledger._reporting import (
-    CALL_DIMENSIONS as _CALL_DIMENSIONS,
-)
+from tokenledger._money import QUANTUM as _MONEY_QUANTUM
+from tokenledger._money import from_driver as _money
+from tokenledger._report_sql import POSTGRESQL as _POSTGRESQL
+from tokenledger._report_sql import SQLITE as _SQLITE
 from tokenledger._reporting import FIGURES as _FIGURES
-from tokenledger._reporting import MONEY_QUANTUM as _MONEY_QUANTUM
 from tokenledger._reporting import (
     REPORT_DIMENSIONS,
     TAG_PREFIX,
     ReportRow,
-    merge_report_rows,
     parse_report_by,
     parse_since,
-    sqlite_report,
 )
 from tokenledger._reporting import UTC as _UTC
-from tokenledger._reporting import money as _money
+from tokenledger._reporting import report_rows as _report_rows
 from tokenledger._reporting import window as _window
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.storage import calls as calls_table
@@ -474,18 +473,6 @@ def _unpriced(c: sa.Table) -> sa.ColumnElement[int]:
     return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
 
 
-def _day(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The UTC calendar day of a timestamp on PostgreSQL, a timestamp (`key_text`
-    formats it): ``date_trunc`` is much cheaper per row than ``to_char``, which matters
-    over a hundred thousand runs."""
-    return sa.func.date_trunc("day", sa.func.timezone("UTC", column))
-
-
-def _hour(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The UTC hour of a timestamp on PostgreSQL (`key_text` formats it)."""
-    return sa.func.date_trunc("hour", sa.func.timezone("UTC", column))
-
-
 @contextlib.contextmanager
 def _reading(engine: sa.Engine) -> Iterator[sa.Connection]:
     """A connection for an aggregate over many rows.
@@ -499,12 +486,6 @@ def _reading(engine: sa.Engine) -> Iterator[sa.Connection]:
         if engine.dialect.name == "postgresql":
             connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
         yield connection
-
-
-def _model_key(c: sa.Table) -> sa.ColumnElement[Any]:
-    """The served model, else the requested one; ``tool:NAME`` for a tool charge."""
-    tool = sa.case((c.c.operation == "execute_tool", sa.literal("tool:") + c.c.tool_name))
-    return sa.func.coalesce(c.c.model, c.c.requested_model, tool)
 
 
 def _sums(c: sa.Table) -> list[sa.ColumnElement[Any]]:
@@ -554,110 +535,19 @@ def report(
     """
     dimensions = parse_report_by(by)
     start, end = _window(since, until)
+    sqlite = engine.dialect.name == "sqlite"
     with _reading(engine) as connection:
-        if engine.dialect.name == "sqlite":
-            # The SQL `tokenledger report` also runs without SQLAlchemy (_reporting).
-            def execute(sql: str, params: Any) -> list[Any]:
-                return list(connection.exec_driver_sql(sql, params))
 
-            return sqlite_report(execute, dimensions, start, end, root_only=root_only)
-        return _report(connection, dimensions, start, end, root_only=root_only)
+        def execute(sql: str, params: Mapping[str, Any]) -> list[Any]:
+            if sqlite:
+                # Handed to sqlite3 as is, exactly as ``tokenledger report`` runs it
+                # without SQLAlchemy: the same statement, the same plan.
+                return list(connection.exec_driver_sql(sql, dict(params)))
+            # sa.text writes the named parameters in the driver's own style.
+            return list(connection.execute(sa.text(sql), dict(params)))
 
-
-def _report(
-    connection: sa.Connection,
-    dimensions: tuple[str, ...],
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    *,
-    root_only: bool,
-) -> list[ReportRow]:
-    """`report` on PostgreSQL, in SQLAlchemy Core (`sqlite_report` is the same on SQLite)."""
-    c, r = calls_table, runs_table
-
-    def run_key(name: str) -> sa.ColumnElement[Any]:
-        if name.startswith(TAG_PREFIX):
-            # ``tags ->> :key`` on the JSONB column, the key bound.
-            tag: sa.ColumnElement[Any] = r.c.tags[name[len(TAG_PREFIX) :]].as_string()
-            return tag
-        return {
-            "agent": r.c.name,
-            "model": _model_key(c),
-            "provider": c.c.provider,
-            "status": r.c.status,
-            "day": _day(r.c.started_at),
-            "hour": _hour(r.c.started_at),
-            "outcome": r.c.outcome,
-        }[name]
-
-    # Labels are positional (k0, k1, ...) so no user text (a tag key) ever becomes SQL.
-    keys = [run_key(name).label(f"k{i}") for i, name in enumerate(dimensions)]
-    by_calls = any(name in _CALL_DIMENSIONS for name in dimensions)
-    if root_only and not by_calls:
-        # Grouped by properties of root runs only: each root run's totals are the sums
-        # of its tree's calls (see _run_totals), so sum one row per run, not per call.
-        # Runs that made no call count as runs, as with the join below.
-        from_clause, figures = _run_totals(connection, agent=None, start=start, end=end)
-        in_runs = (
-            sa.select(
-                *keys,
-                sa.func.count(r.c.id).label("runs"),
-                *(
-                    (
-                        sa.func.sum(figures[name])
-                        if name == "cost_usd"
-                        else sa.func.coalesce(sa.func.sum(figures[name]), 0)
-                    ).label(name)
-                    for name in _FIGURES
-                ),
-            )
-            .select_from(from_clause)
-            .where(r.c.parent_id.is_(None))
-            .group_by(*keys)
-        )
-    else:
-        # Calls attributed to a run (its root, or itself): runs joined to calls. Grouped
-        # by run only, a run that made no call is still a run (an outer join); grouped
-        # by a property of calls (model, provider), it belongs to no group.
-        link = c.c.root_run_id if root_only else c.c.run_id
-        joined = r.join(c, link == r.c.id) if by_calls else r.outerjoin(c, link == r.c.id)
-        in_runs = (
-            sa.select(*keys, sa.func.count(sa.distinct(r.c.id)).label("runs"), *_sums(c))
-            .select_from(joined)
-            .group_by(*keys)
-        )
-        if root_only:
-            in_runs = in_runs.where(r.c.parent_id.is_(None))
-    if start is not None:
-        in_runs = in_runs.where(r.c.started_at >= start)
-    if end is not None:
-        in_runs = in_runs.where(r.c.started_at < end)
-
-    # Calls made outside any run: no agent, run status, outcome or tags; their own time.
-    def outside_key(name: str) -> sa.ColumnElement[Any] | None:
-        return {
-            "model": _model_key(c),
-            "provider": c.c.provider,
-            "day": _day(c.c.started_at),
-            "hour": _hour(c.c.started_at),
-        }.get(name)
-
-    real = [outside_key(name) for name in dimensions]
-    okeys = [
-        (sa.null() if expression is None else expression).label(f"k{i}")
-        for i, expression in enumerate(real)
-    ]
-    outside = sa.select(*okeys, sa.literal(0).label("runs"), *_sums(c)).where(c.c.run_id.is_(None))
-    if start is not None:
-        outside = outside.where(c.c.started_at >= start)
-    if end is not None:
-        outside = outside.where(c.c.started_at < end)
-    # group_by on expressions that are NULL constants is not portable; group by the
-    # real columns only and let the constant ride along.
-    grouped = [expression for expression in real if expression is not None]
-    if grouped:
-        outside = outside.group_by(*grouped)
-    return merge_report_rows(dimensions, (connection.execute(in_runs), connection.execute(outside)))
+        dialect = _SQLITE if sqlite else _POSTGRESQL
+        return _report_rows(execute, dimensions, start, end, root_only=root_only, dialect=dialect)
 
 
 # ------------------------------------------------------------------------ outcomes
