@@ -80,7 +80,6 @@ class Dialect:
     turns a window bound into the value the engine compares ``started_at`` with.
     """
 
-    name: str
     day: str
     hour: str
     tag: str
@@ -93,7 +92,6 @@ class Dialect:
 #: and the stored document escapes non-ASCII keys as \u00fc, which a path never
 #: matches), while json_each decodes keys.
 SQLITE = Dialect(
-    name="sqlite",
     day="substr({0}, 1, 10)",
     hour="substr({0}, 1, 13) || ':00'",
     tag='(SELECT t.value FROM json_each(r.tags) AS t WHERE t."key" = :{0})',
@@ -103,13 +101,11 @@ SQLITE = Dialect(
 #: matters over a hundred thousand runs) and returns a timestamp the caller formats. The
 #: tag key is cast so ``->>`` takes it as a key, never as an array index.
 POSTGRESQL = Dialect(
-    name="postgresql",
     day="date_trunc('day', timezone('UTC', {0}))",
     hour="date_trunc('hour', timezone('UTC', {0}))",
     tag="(r.tags ->> CAST(:{0} AS TEXT))",
     time=_aware,
 )
-DIALECTS = {dialect.name: dialect for dialect in (SQLITE, POSTGRESQL)}
 
 # The served model, else the requested one; ``tool:NAME`` for a tool charge.
 _MODEL_KEY = (

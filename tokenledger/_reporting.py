@@ -233,7 +233,7 @@ def report_rows(
     end: dt.datetime | None,
     *,
     root_only: bool,
-    dialect: Dialect,
+    dialect: Dialect = SQLITE,
 ) -> list[ReportRow]:
     """`tokenledger.queries.report` on ``dialect``'s engine, through ``execute``.
 
@@ -243,13 +243,6 @@ def report_rows(
     return merge_report_rows(dimensions, results)
 
 
-def sqlite_report(
-    execute: Execute,
-    dimensions: Sequence[str],
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    *,
-    root_only: bool,
-) -> list[ReportRow]:
-    """`report_rows` on a SQLite ledger, for ``execute`` on a `sqlite3` connection."""
-    return report_rows(execute, dimensions, start, end, root_only=root_only, dialect=SQLITE)
+#: What ``tokenledger report`` runs on a SQLite file through a `sqlite3` connection:
+#: `report_rows`, whose dialect is SQLite unless told otherwise.
+sqlite_report = report_rows
