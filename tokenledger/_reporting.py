@@ -20,8 +20,6 @@ from typing import Any
 
 from tokenledger._money import from_driver
 from tokenledger._report_sql import (
-    CALL_DIMENSIONS,
-    FIGURES,
     REPORT_DIMENSIONS,
     REPORT_FIELDS,
     SQLITE,
@@ -34,8 +32,6 @@ from tokenledger._report_sql import (
 from tokenledger.exceptions import ConfigurationError
 
 __all__ = [
-    "CALL_DIMENSIONS",
-    "FIGURES",
     "REPORT_DIMENSIONS",
     "TAG_PREFIX",
     "UTC",

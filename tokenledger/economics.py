@@ -26,7 +26,7 @@ from typing import Literal
 
 import sqlalchemy as sa
 
-from tokenledger._money import AmountError, from_driver, usd_text
+from tokenledger._money import MAX_USD, AmountError, from_driver, usd_text
 from tokenledger._money import parse_usd as _parse_usd
 from tokenledger._outcome_sql import root_history
 from tokenledger._outcomes import success_rule
@@ -100,7 +100,7 @@ def parse_usd(value: object, *, what: str) -> Decimal:
         if exc.reason == "range":
             raise ConfigurationError(
                 f"{what} is {value!r}; it must be an amount of US dollars from 0 to "
-                '1,000,000,000, e.g. "4.00".'
+                f'{MAX_USD:,}, e.g. "4.00".'
             ) from None
         raise ConfigurationError(
             f"{what} is {value!r}; give an amount of US dollars as a string or Decimal, "

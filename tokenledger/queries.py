@@ -61,13 +61,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from tokenledger._money import from_driver
-from tokenledger._outcome_sql import (
-    PERCENTILES,
-    economics,
-    nearest_rank,
-    outcome_rows,
-    root_history,
-)
+from tokenledger._outcome_sql import PERCENTILES, nearest_rank
+from tokenledger._outcome_sql import economics as _economics
+from tokenledger._outcome_sql import outcome_rows as _outcome_rows
+from tokenledger._outcome_sql import root_history as _root_history
 from tokenledger._outcomes import OutcomeEconomics, OutcomeRow, parse_success, success_rule
 from tokenledger._read_sql import in_window as _in_window
 from tokenledger._read_sql import reading as _reading
@@ -403,7 +400,7 @@ def cost_per_outcome(
 
     .. versionadded:: 0.1.0
     """
-    return root_history(
+    return _root_history(
         engine,
         agent,
         success,
@@ -428,7 +425,7 @@ def cost_per_outcome_by_agent(
     """
     labels = parse_success(success)
     start, end = _window(since, until)
-    rows = economics(engine, agent=agent, start=start, end=end, labels=labels, per_agent=True)
+    rows = _economics(engine, agent=agent, start=start, end=end, labels=labels, per_agent=True)
     rows.sort(key=lambda row: (-row.total_cost_usd, row.agent or ""))
     return rows
 
@@ -450,7 +447,7 @@ def outcomes(
     .. versionadded:: 0.1.0
     """
     start, end = _window(since, until)
-    rows = outcome_rows(engine, agent=agent, start=start, end=end, root_only=root_only)
+    rows = _outcome_rows(engine, agent=agent, start=start, end=end, root_only=root_only)
     rows.sort(key=lambda row: (row.agent, -row.runs, row.outcome is None, row.outcome or ""))
     return rows
 
