@@ -34,7 +34,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tokenledger import BudgetExceeded, ConfigurationError, Ledger, Run, economics, queries
+from tokenledger import (
+    BudgetExceeded,
+    ConfigurationError,
+    Ledger,
+    Run,
+    _outcome_sql,
+    economics,
+    queries,
+)
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import (
     OutcomeEconomics,
@@ -335,8 +343,8 @@ def test_a_percentile_rank_past_the_runs_there_are_is_read_as_missing(ledger: Le
         ledger.record_call("alpha", input_tokens=1000)
     assert ledger.flush()
     with ledger.engine.connect() as connection:
-        assert queries._costs_at_ranks(connection, "support", 1) is not None
-        assert queries._costs_at_ranks(connection, "support", 3) is None
+        assert _outcome_sql.costs_at_ranks(connection, "support", 1) is not None
+        assert _outcome_sql.costs_at_ranks(connection, "support", 3) is None
 
 
 def test_a_run_still_running_counts_with_the_calls_it_has_made(ledger: Ledger) -> None:

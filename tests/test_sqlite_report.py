@@ -1,9 +1,9 @@
-"""`report` on SQLite runs its own SQL (``tokenledger._reporting``), and so does
-``tokenledger report`` on a SQLite file, without SQLAlchemy.
+"""`report` runs SQL text from one builder (``tokenledger._report_sql``) on both engines,
+and ``tokenledger report`` runs the SQLite text on a SQLite file without SQLAlchemy.
 
-PostgreSQL keeps the SQLAlchemy Core query, so the two are independent implementations of
-one rule: the same ledger, written to both engines, must give the same rows for every way
-of grouping, window and attribution. The command's fast path must give the library's rows
+The engines differ in how they bucket times, read tags and bind times, so the same
+ledger, written to both, must give the same rows for every way of grouping, window and
+attribution. The command's fast path must give the library's rows
 and hand every case it does not handle (other URLs, other revisions, broken files) to the
 general path, which explains the problem.
 """
@@ -29,7 +29,9 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from tokenledger import Ledger, _location, queries, schema, storage
-from tokenledger._reporting import key_text, money, parse_since, sqlite_timestamp
+from tokenledger._money import from_driver
+from tokenledger._report_sql import sqlite_timestamp
+from tokenledger._reporting import key_text, parse_since
 from tokenledger.cli import _json_default, cli
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import ReportRow, report
@@ -215,10 +217,10 @@ def test_money_reads_a_float_as_the_money_column_type_does() -> None:
     rng = random.Random(3)
     amounts += tuple(rng.randrange(10**6, 10**13) / 10**6 for _ in range(2000))
     for value in amounts:
-        assert column.process_result_value(value, dialect) == money(value), value
-    assert D("123456.770000000000") == money(99999.99 + 23456.78)
-    assert D("0.300000000000") == money(0.1 + 0.2)
-    assert D("1.500000000000") == money(D("1.5")) == money("1.5") == money(1.5)
+        assert column.process_result_value(value, dialect) == from_driver(value), value
+    assert D("123456.770000000000") == from_driver(99999.99 + 23456.78)
+    assert D("0.300000000000") == from_driver(0.1 + 0.2)
+    assert D("1.500000000000") == from_driver(D("1.5")) == from_driver("1.5") == from_driver(1.5)
 
 
 def test_a_large_cost_is_the_same_in_report_and_in_runs(tmp_path: Path) -> None:

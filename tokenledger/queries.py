@@ -1,8 +1,9 @@
 """Reading the ledger back: runs, calls and cost reports as typed rows.
 
-Every query is SQLAlchemy Core with bound parameters and returns the same rows on SQLite
-and on PostgreSQL, except `report` on SQLite: its SQL lives in ``tokenledger._reporting``
-(bound parameters too), so that ``tokenledger report`` can run it without importing
+Every query has bound parameters and returns the same rows on SQLite and on PostgreSQL.
+Listings, counts and cost per outcome are SQLAlchemy Core; `report` is SQL text that one
+builder (``tokenledger._report_sql``) writes for either engine, so that
+``tokenledger report`` can run the very same SQL on a SQLite file without importing
 SQLAlchemy. Money comes back as `~decimal.Decimal`, datetimes as timezone-aware
 UTC. These functions only read: they never create or migrate a database.
 
@@ -29,7 +30,7 @@ Speed: a root run's stored totals *are* the sums of its tree's calls once it has
 (its row is rewritten when it ends, after its calls), so a root-only report grouped by
 properties of runs (agent, status, day, hour, outcome, tags) sums one row per root run
 instead of one per call, and only root runs still ``running`` are summed from their
-calls (see ``_run_totals``). Grouping by model or provider, or with ``root_only=False``,
+calls (see ``tokenledger._report_sql``). Grouping by model or provider, or with ``root_only=False``,
 reads the calls. ``since`` selects runs by when they started (and calls outside runs by when
 they were sent), so a run and all of its calls stay together; ``until`` is the
 exclusive end of the same window.
@@ -40,8 +41,8 @@ Cost per successful outcome
 (one whole request each, sub-agents included). It reads each root run's stored totals and
 divides the cost of *every* run in the window (failed, errored, over budget, still
 running, or without an outcome yet) by the number of successes; `success_rule`
-documents what counts as one. Percentiles are computed in Python from the exact
-per-run costs, so both engines give the same Decimal answer.
+documents what counts as one. Percentiles are nearest-rank over the exact per-run
+costs (`nearest_rank`), so both engines give the same Decimal answer.
 
 Tag keys and values, agent names and outcome labels reach the database only as bound
 parameters, never as SQL text.
@@ -51,31 +52,34 @@ parameters, never as SQL text.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Iterable, Iterator, Sequence
-from decimal import ROUND_HALF_EVEN, Decimal
-from typing import Any, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Any
 
 import sqlalchemy as sa
 
-from tokenledger._reporting import (
-    CALL_DIMENSIONS as _CALL_DIMENSIONS,
-)
-from tokenledger._reporting import FIGURES as _FIGURES
-from tokenledger._reporting import MONEY_QUANTUM as _MONEY_QUANTUM
+from tokenledger._money import from_driver
+from tokenledger._outcome_sql import PERCENTILES, nearest_rank
+from tokenledger._outcome_sql import economics as _economics
+from tokenledger._outcome_sql import outcome_rows as _outcome_rows
+from tokenledger._outcome_sql import root_history as _root_history
+from tokenledger._outcomes import OutcomeEconomics, OutcomeRow, parse_success, success_rule
+from tokenledger._read_sql import in_window as _in_window
+from tokenledger._read_sql import reading as _reading
+from tokenledger._read_sql import unpriced_count as _unpriced_count
+from tokenledger._report_sql import POSTGRESQL as _POSTGRESQL
+from tokenledger._report_sql import SQLITE as _SQLITE
 from tokenledger._reporting import (
     REPORT_DIMENSIONS,
     TAG_PREFIX,
     ReportRow,
-    merge_report_rows,
     parse_report_by,
     parse_since,
-    sqlite_report,
 )
 from tokenledger._reporting import UTC as _UTC
-from tokenledger._reporting import money as _money
+from tokenledger._reporting import report_rows as _report_rows
 from tokenledger._reporting import window as _window
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.storage import calls as calls_table
@@ -104,15 +108,6 @@ __all__ = [
     "report",
     "success_rule",
 ]
-
-#: The per-run cost percentiles `cost_per_outcome` reports.
-PERCENTILES: tuple[int, ...] = (50, 90, 99)
-
-V = TypeVar("V")
-
-# Rates and per-run means of counts: six places are more than any reader needs.
-_RATIO_QUANTUM = Decimal("1e-6")
-_FAILED_RUN_STATUSES = frozenset({"error", "budget_exceeded"})
 
 
 # ------------------------------------------------------------------------------- rows
@@ -212,120 +207,7 @@ class LedgerCounts:
     last_call_at: dt.datetime | None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class OutcomeEconomics:
-    """What one successful outcome costs, from the root runs of one agent (or of all).
-
-    ``total_cost_usd`` is the cost of **every** root run in the window (errored, over
-    budget, still running, or without an outcome included): failures are part of what
-    a success costs. ``cost_per_success_usd`` is that total divided by ``successes``
-    (None when there are none). ``success_labels`` is the success rule applied (None:
-    the default rule); `success_rule` says it in words.
-
-    Per-run figures are over the same runs; a run's cost, tokens and calls include its
-    sub-agents'. ``pNN_cost_per_run_usd`` are nearest-rank percentiles (see
-    `nearest_rank`): each is the cost of an actual run, never an interpolation.
-    ``outcome_value_usd`` sums the values recorded with outcomes (None when no run has
-    one) and ``margin_usd`` is that value minus ``total_cost_usd``. ``unpriced_calls``
-    counts calls whose model had no price: their cost is missing from every figure.
-
-    .. versionadded:: 0.1.0
-    """
-
-    agent: str | None
-    success_labels: tuple[str, ...] | None
-    runs: int
-    successes: int
-    failed_runs: int
-    runs_without_outcome: int
-    success_rate: Decimal
-    total_cost_usd: Decimal
-    cost_per_success_usd: Decimal | None
-    mean_cost_per_run_usd: Decimal
-    p50_cost_per_run_usd: Decimal
-    p90_cost_per_run_usd: Decimal
-    p99_cost_per_run_usd: Decimal
-    mean_tokens_per_run: Decimal
-    mean_calls_per_run: Decimal
-    outcome_value_usd: Decimal | None
-    margin_usd: Decimal | None
-    unpriced_calls: int
-
-    @property
-    def success_rule(self) -> str:
-        """What counted as a success, as a phrase: see `success_rule`."""
-        return success_rule(self.success_labels)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class OutcomeRow:
-    """How many runs of one agent ended with one outcome label, and what they were worth.
-
-    ``outcome`` None groups the runs with no outcome recorded (yet). ``share`` is the
-    fraction of the agent's runs in the window. ``value_usd`` sums the values recorded
-    with the outcome (None when none was), over ``runs_with_value`` runs; ``cost_usd`` is
-    what those runs cost, sub-agents included.
-
-    .. versionadded:: 0.1.0
-    """
-
-    agent: str
-    outcome: str | None
-    runs: int
-    share: Decimal
-    runs_with_value: int
-    value_usd: Decimal | None
-    cost_usd: Decimal
-
-
-# ---------------------------------------------------------------------------- parsing
-
-
-def parse_success(success: str | Iterable[str] | None) -> tuple[str, ...] | None:
-    """The outcome labels that count as a success; a string is split on commas.
-
-    None keeps the default rule (see `success_rule`).
-
-    Raises:
-        ConfigurationError: no label, or a label that is not a string.
-
-    .. versionadded:: 0.1.0
-    """
-    if success is None:
-        return None
-    items = success.split(",") if isinstance(success, str) else list(success)
-    labels: list[str] = []
-    for item in items:
-        if not isinstance(item, str):
-            raise ConfigurationError(
-                f"`success` has {item!r}; outcome labels are strings, e.g. 'resolved'."
-            )
-        if item.strip():
-            labels.append(item.strip())
-    if not labels:
-        raise ConfigurationError(
-            f"`success` is {success!r}; name the outcome labels that count as a success, "
-            "e.g. resolved,accepted (or leave it out for the default rule)."
-        )
-    return tuple(dict.fromkeys(labels))
-
-
-def success_rule(labels: Sequence[str] | None) -> str:
-    """What counts as a successful run, in words.
-
-    * ``labels`` given: a root run whose outcome is one of them, whatever its status
-      (an outcome is the business result, often recorded later from elsewhere, and it
-      wins over how the agent's code ended).
-    * ``None`` (the default): a root run that ended ``ok`` **and** has an outcome
-      recorded, whatever the label. This suits ledgers that record an outcome only when
-      something was achieved; if you also record failures as outcomes ("rejected",
-      "escalated"), name the success labels instead.
-
-    .. versionadded:: 0.1.0
-    """
-    if labels is None:
-        return "a run that ended ok with an outcome recorded (any label)"
-    return "a run whose outcome is " + " or ".join(repr(label) for label in labels)
+# ---------------------------------------------------------------------------- helpers
 
 
 def _check_limit(limit: int | None) -> int | None:
@@ -338,22 +220,10 @@ def _check_limit(limit: int | None) -> int | None:
     return limit
 
 
-def _optional_money(value: Any) -> Decimal | None:
-    return None if value is None else _money(value)
-
-
 def _utc(value: dt.datetime | None) -> dt.datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=_UTC) if value.tzinfo is None else value.astimezone(_UTC)
-
-
-def _ratio(numerator: Decimal | int, denominator: int) -> Decimal:
-    return (Decimal(numerator) / denominator).quantize(_RATIO_QUANTUM, ROUND_HALF_EVEN)
-
-
-def _per(amount: Decimal, count: int) -> Decimal:
-    return (amount / count).quantize(_MONEY_QUANTUM, ROUND_HALF_EVEN)
 
 
 # ------------------------------------------------------------------------------ runs
@@ -363,8 +233,9 @@ _RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunRow))
 
 def _run_row(mapping: Any) -> RunRow:
     values = {name: mapping[name] for name in _RUN_FIELDS}
-    values["cost_usd"] = _money(values["cost_usd"])
-    values["outcome_value"] = _optional_money(values["outcome_value"])
+    values["cost_usd"] = from_driver(values["cost_usd"])
+    if values["outcome_value"] is not None:
+        values["outcome_value"] = from_driver(values["outcome_value"])
     values["tags"] = dict(values["tags"] or {})
     values["started_at"] = _utc(values["started_at"])
     values["ended_at"] = _utc(values["ended_at"])
@@ -392,10 +263,7 @@ def list_runs(
     query = sa.select(*(r.c[name] for name in _RUN_FIELDS))
     if agent is not None:
         query = query.where(r.c.name == agent)
-    if start is not None:
-        query = query.where(r.c.started_at >= start)
-    if end is not None:
-        query = query.where(r.c.started_at < end)
+    query = query.where(*_in_window(r.c.started_at, start, end))
     if root_only:
         query = query.where(r.c.parent_id.is_(None))
     query = query.order_by(r.c.started_at.desc(), r.c.id.desc()).limit(limit)
@@ -412,7 +280,7 @@ def _call_row(mapping: Any) -> CallRow:
     values = {name: mapping[name] for name in _CALL_FIELDS}
     values["agent"] = mapping["agent"]
     if values["cost_usd"] is not None:
-        values["cost_usd"] = _money(values["cost_usd"])
+        values["cost_usd"] = from_driver(values["cost_usd"])
     values["started_at"] = _utc(values["started_at"])
     values["ended_at"] = _utc(values["ended_at"])
     values["streamed"] = bool(values["streamed"])
@@ -451,79 +319,13 @@ def list_calls(
         query = query.where(c.c.run_id.in_(sa.select(tree.c.id)))
     if model is not None:
         query = query.where(sa.or_(c.c.model == model, c.c.requested_model == model))
-    if start is not None:
-        query = query.where(c.c.started_at >= start)
-    if end is not None:
-        query = query.where(c.c.started_at < end)
+    query = query.where(*_in_window(c.c.started_at, start, end))
     query = query.order_by(c.c.started_at.desc(), c.c.id.desc()).limit(limit)
     with engine.connect() as connection:
         return [_call_row(row._mapping) for row in connection.execute(query)]
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def _unpriced(c: sa.Table) -> sa.ColumnElement[int]:
-    # The same rule as Run.add_call: a call with no cost is "unpriced" when it succeeded
-    # or used tokens; a failed call that used nothing cost nothing and is not.
-    condition = sa.and_(
-        c.c.id.is_not(None),
-        c.c.cost_usd.is_(None),
-        sa.or_(c.c.status == "ok", c.c.input_tokens > 0, c.c.output_tokens > 0),
-    )
-    return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
-
-
-def _day(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The UTC calendar day of a timestamp on PostgreSQL, a timestamp (`key_text`
-    formats it): ``date_trunc`` is much cheaper per row than ``to_char``, which matters
-    over a hundred thousand runs."""
-    return sa.func.date_trunc("day", sa.func.timezone("UTC", column))
-
-
-def _hour(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-    """The UTC hour of a timestamp on PostgreSQL (`key_text` formats it)."""
-    return sa.func.date_trunc("hour", sa.func.timezone("UTC", column))
-
-
-@contextlib.contextmanager
-def _reading(engine: sa.Engine) -> Iterator[sa.Connection]:
-    """A connection for an aggregate over many rows.
-
-    On PostgreSQL the transaction gets ``work_mem`` of 64 MB (``SET LOCAL``: only until
-    it ends). Grouping runs by a computed key (the day, a tag), the planner cannot
-    estimate the number of groups and sorts every row; at the 4 MB default that sort of
-    a hundred thousand runs spills to disk and takes several times longer.
-    """
-    with engine.connect() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.exec_driver_sql("SET LOCAL work_mem = '64MB'")
-        yield connection
-
-
-def _model_key(c: sa.Table) -> sa.ColumnElement[Any]:
-    """The served model, else the requested one; ``tool:NAME`` for a tool charge."""
-    tool = sa.case((c.c.operation == "execute_tool", sa.literal("tool:") + c.c.tool_name))
-    return sa.func.coalesce(c.c.model, c.c.requested_model, tool)
-
-
-def _sums(c: sa.Table) -> list[sa.ColumnElement[Any]]:
-    def total(name: str) -> sa.ColumnElement[Any]:
-        return sa.func.coalesce(sa.func.sum(c.c[name]), 0).label(name)
-
-    return [
-        sa.func.count(c.c.id).label("calls"),
-        sa.func.coalesce(sa.func.sum(sa.case((c.c.status != "ok", 1), else_=0)), 0).label(
-            "failed_calls"
-        ),
-        total("input_tokens"),
-        total("output_tokens"),
-        total("cache_read_tokens"),
-        total("cache_write_tokens"),
-        total("reasoning_tokens"),
-        sa.func.sum(c.c.cost_usd).label("cost_usd"),
-        _unpriced(c).label("unpriced_calls"),
-    ]
 
 
 def report(
@@ -554,420 +356,22 @@ def report(
     """
     dimensions = parse_report_by(by)
     start, end = _window(since, until)
-    with _reading(engine) as connection:
-        if engine.dialect.name == "sqlite":
-            # The SQL `tokenledger report` also runs without SQLAlchemy (_reporting).
-            def execute(sql: str, params: Any) -> list[Any]:
-                return list(connection.exec_driver_sql(sql, params))
-
-            return sqlite_report(execute, dimensions, start, end, root_only=root_only)
-        return _report(connection, dimensions, start, end, root_only=root_only)
-
-
-def _report(
-    connection: sa.Connection,
-    dimensions: tuple[str, ...],
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    *,
-    root_only: bool,
-) -> list[ReportRow]:
-    """`report` on PostgreSQL, in SQLAlchemy Core (`sqlite_report` is the same on SQLite)."""
-    c, r = calls_table, runs_table
-
-    def run_key(name: str) -> sa.ColumnElement[Any]:
-        if name.startswith(TAG_PREFIX):
-            # ``tags ->> :key`` on the JSONB column, the key bound.
-            tag: sa.ColumnElement[Any] = r.c.tags[name[len(TAG_PREFIX) :]].as_string()
-            return tag
-        return {
-            "agent": r.c.name,
-            "model": _model_key(c),
-            "provider": c.c.provider,
-            "status": r.c.status,
-            "day": _day(r.c.started_at),
-            "hour": _hour(r.c.started_at),
-            "outcome": r.c.outcome,
-        }[name]
-
-    # Labels are positional (k0, k1, ...) so no user text (a tag key) ever becomes SQL.
-    keys = [run_key(name).label(f"k{i}") for i, name in enumerate(dimensions)]
-    by_calls = any(name in _CALL_DIMENSIONS for name in dimensions)
-    if root_only and not by_calls:
-        # Grouped by properties of root runs only: each root run's totals are the sums
-        # of its tree's calls (see _run_totals), so sum one row per run, not per call.
-        # Runs that made no call count as runs, as with the join below.
-        from_clause, figures = _run_totals(connection, agent=None, start=start, end=end)
-        in_runs = (
-            sa.select(
-                *keys,
-                sa.func.count(r.c.id).label("runs"),
-                *(
-                    (
-                        sa.func.sum(figures[name])
-                        if name == "cost_usd"
-                        else sa.func.coalesce(sa.func.sum(figures[name]), 0)
-                    ).label(name)
-                    for name in _FIGURES
-                ),
-            )
-            .select_from(from_clause)
-            .where(r.c.parent_id.is_(None))
-            .group_by(*keys)
-        )
-    else:
-        # Calls attributed to a run (its root, or itself): runs joined to calls. Grouped
-        # by run only, a run that made no call is still a run (an outer join); grouped
-        # by a property of calls (model, provider), it belongs to no group.
-        link = c.c.root_run_id if root_only else c.c.run_id
-        joined = r.join(c, link == r.c.id) if by_calls else r.outerjoin(c, link == r.c.id)
-        in_runs = (
-            sa.select(*keys, sa.func.count(sa.distinct(r.c.id)).label("runs"), *_sums(c))
-            .select_from(joined)
-            .group_by(*keys)
-        )
-        if root_only:
-            in_runs = in_runs.where(r.c.parent_id.is_(None))
-    if start is not None:
-        in_runs = in_runs.where(r.c.started_at >= start)
-    if end is not None:
-        in_runs = in_runs.where(r.c.started_at < end)
-
-    # Calls made outside any run: no agent, run status, outcome or tags; their own time.
-    def outside_key(name: str) -> sa.ColumnElement[Any] | None:
-        return {
-            "model": _model_key(c),
-            "provider": c.c.provider,
-            "day": _day(c.c.started_at),
-            "hour": _hour(c.c.started_at),
-        }.get(name)
-
-    real = [outside_key(name) for name in dimensions]
-    okeys = [
-        (sa.null() if expression is None else expression).label(f"k{i}")
-        for i, expression in enumerate(real)
-    ]
-    outside = sa.select(*okeys, sa.literal(0).label("runs"), *_sums(c)).where(c.c.run_id.is_(None))
-    if start is not None:
-        outside = outside.where(c.c.started_at >= start)
-    if end is not None:
-        outside = outside.where(c.c.started_at < end)
-    # group_by on expressions that are NULL constants is not portable; group by the
-    # real columns only and let the constant ride along.
-    grouped = [expression for expression in real if expression is not None]
-    if grouped:
-        outside = outside.group_by(*grouped)
-    return merge_report_rows(dimensions, (connection.execute(in_runs), connection.execute(outside)))
-
-
-# ------------------------------------------------------------------------ outcomes
-
-
-def nearest_rank(sorted_values: Sequence[V], percentile: int) -> V:
-    """The ``percentile``-th percentile of ``sorted_values`` by the nearest-rank method.
-
-    The smallest value such that at least ``percentile`` % of the values are less than
-    or equal to it: the value at 1-based rank ``ceil(percentile / 100 * n)``. Always one
-    of the observed values (an actual run's cost, exact), never an interpolation, so
-    SQLite and PostgreSQL agree to the last digit. Of 0.10, 0.20, 0.30, 0.40 and 1.00,
-    p50 is 0.30 (rank 3) and p90 and p99 are 1.00 (rank 5).
-
-    .. versionadded:: 0.1.0
-    """
-    if not sorted_values:
-        raise ConfigurationError("A percentile needs at least one value.")
-    if isinstance(percentile, bool) or not isinstance(percentile, int) or not 0 < percentile <= 100:
-        raise ConfigurationError(
-            f"`percentile` is {percentile!r}; it must be a whole number from 1 to 100."
-        )
-    return sorted_values[_rank(len(sorted_values), percentile) - 1]
-
-
-def _rank(count: int, percentile: int) -> int:
-    """The 1-based nearest rank of ``percentile`` among ``count`` values."""
-    return max(-(-percentile * count // 100), 1)  # ceil, in integers
-
-
-# A constant, not a bound parameter: a partial index on running runs (see the
-# benchmark notes) can only serve a query whose condition is literally its own.
-_RUNNING: sa.ColumnElement[Any] = sa.literal_column("'running'")
-
-
-def _run_totals(
-    connection: sa.Connection,
-    *,
-    agent: str | None,
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-) -> tuple[sa.FromClause, dict[str, sa.ColumnElement[Any]]]:
-    """The runs table with each root run's totals, right even while it is running.
-
-    A run's row is written when it starts (totals zero) and again when it ends (final
-    totals, sub-agents' calls and tool charges included); its calls are written as they
-    happen. So an ended run's stored totals are its calls' sums, and reading them is
-    what keeps reports fast: one row per run instead of one per call. A root run still
-    ``running`` (in flight, or its process died before it ended) has stale totals: its
-    figures are summed from its calls instead (``root_run_id`` is indexed, and such runs
-    are few). Whether any root run in the window is running is asked first, so the
-    common case reads the runs table alone. Sub-agent runs keep their stored totals.
-    """
-    c, r = calls_table, runs_table
-    # Is any root run in the window running? Written so that SQLite answers it from the
-    # partial index on running runs: given ``parent_id IS NULL`` it picks the index on
-    # parent_id instead (its statistics cannot tell that nearly every run is a root) and
-    # walks every root run, 25 ms at a million calls. ``parent_id || ''`` is NULL
-    # exactly when parent_id is, and no index offers it.
-    probe = _root_filter(
-        sa.select(r.c.id).where(r.c.status == _RUNNING),
-        agent=agent,
-        start=start,
-        end=end,
-        root=(r.c.parent_id + "").is_(None),
-    )
-    if connection.execute(probe.limit(1)).first() is None:
-        return r, {name: r.c[name] for name in _FIGURES}
-    running_roots = _root_filter(
-        sa.select(r.c.id).where(r.c.status == _RUNNING), agent=agent, start=start, end=end
-    )
-    live = (
-        sa.select(c.c.root_run_id.label("root_id"), *_sums(c))
-        .where(c.c.root_run_id.in_(running_roots))
-        .group_by(c.c.root_run_id)
-        .subquery("live")
-    )
-    from_clause = r.outerjoin(live, live.c.root_id == r.c.id)
-    summed = sa.and_(r.c.status == _RUNNING, r.c.parent_id.is_(None))
-    figures: dict[str, sa.ColumnElement[Any]] = {
-        name: sa.case((summed, sa.func.coalesce(live.c[name], 0)), else_=r.c[name])
-        for name in _FIGURES
-    }
-    return from_clause, figures
-
-
-def _root_filter(
-    query: sa.Select[Any],
-    *,
-    agent: str | None,
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    root: sa.ColumnElement[bool] | None = None,
-) -> sa.Select[Any]:
-    """``query`` limited to root runs (``root``: the condition that says so) of ``agent``."""
-    r = runs_table
-    query = query.where(r.c.parent_id.is_(None) if root is None else root)
-    if agent is not None:
-        query = query.where(r.c.name == agent)
-    if start is not None:
-        query = query.where(r.c.started_at >= start)
-    if end is not None:
-        query = query.where(r.c.started_at < end)
-    return query
-
-
-def _outcome_economics(
-    engine: sa.Engine,
-    *,
-    agent: str | None,
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    labels: tuple[str, ...] | None,
-    per_agent: bool,
-) -> list[OutcomeEconomics]:
-    """`OutcomeEconomics` of the root runs in the window: one per agent, or one in all.
-
-    Counts and sums are SQL aggregates over the runs' totals (one row per run, not per
-    call). Percentiles need every run's cost: only those are fetched, sorted in Python,
-    and only the ranks reported are turned into Decimals. On SQLite the cost travels as
-    the stored float, whose order is the amounts' order, and the chosen value becomes
-    the same Decimal `list_runs` gives for that run.
-    """
-    with _reading(engine) as connection:
-        from_clause, figures = _run_totals(connection, agent=agent, start=start, end=end)
-        return _outcome_figures(
-            connection, engine, from_clause, figures, agent, start, end, labels, per_agent
-        )
-
-
-def _raw_rows(connection: sa.Connection, query: sa.Select[Any]) -> list[Any]:
-    """The rows of ``query`` as the driver returns them, with no `Row` objects.
-
-    For a hundred thousand per-run costs, building SQLAlchemy rows takes longer than
-    the query; the columns are plain types (no result processing to lose).
-    """
-    result = connection.execute(query)
-    try:
-        rows = list(result.cursor.fetchall())
-    finally:
-        result.close()
-    return rows
-
-
-def _outcome_figures(
-    connection: sa.Connection,
-    engine: sa.Engine,
-    from_clause: sa.FromClause,
-    figures: dict[str, sa.ColumnElement[Any]],
-    agent: str | None,
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    labels: tuple[str, ...] | None,
-    per_agent: bool,
-) -> list[OutcomeEconomics]:
-    r = runs_table
-    success = (
-        sa.and_(r.c.outcome.is_not(None), r.c.status == "ok")
-        if labels is None
-        else r.c.outcome.in_(labels)
-    )
-
-    def count_of(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
-        return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
-
-    def total(expression: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-        return sa.func.coalesce(sa.func.sum(expression), 0)
-
-    name = r.c.name if per_agent else sa.null()
-    aggregates = _root_filter(
-        sa.select(
-            name.label("name"),
-            sa.func.count(r.c.id).label("runs"),
-            count_of(success).label("successes"),
-            count_of(r.c.status.in_(tuple(_FAILED_RUN_STATUSES))).label("failed"),
-            count_of(r.c.outcome.is_(None)).label("without_outcome"),
-            sa.func.sum(figures["cost_usd"]).label("cost"),
-            total(figures["input_tokens"] + figures["output_tokens"]).label("tokens"),
-            total(figures["calls"]).label("calls"),
-            sa.func.sum(r.c.outcome_value).label("value"),
-            sa.func.count(r.c.outcome_value).label("valued"),
-            total(figures["unpriced_calls"]).label("unpriced"),
-        ).select_from(from_clause),
-        agent=agent,
-        start=start,
-        end=end,
-    )
-    if per_agent:
-        aggregates = aggregates.group_by(r.c.name)
-    cost = figures["cost_usd"]
     sqlite = engine.dialect.name == "sqlite"
-    if not sqlite:
-        # percentile_disc(f) is the value at 1-based rank ceil(f * n) of the sorted costs:
-        # the nearest rank. PostgreSQL computes f * n in float8, and for 50, 90 and 99 %
-        # ceil of it equals the integer ceil(pct * n / 100) for every n up to 2 * 10^8
-        # (checked exhaustively). Sorting in the server saves fetching one Decimal per
-        # run: at a million calls that fetch and sort took two thirds of the time.
-        aggregates = aggregates.add_columns(
-            *(
-                sa.func.percentile_disc(percentile / 100).within_group(cost).label(f"p{percentile}")
-                for percentile in PERCENTILES
-            )
-        )
-    costs: dict[str | None, list[Any]] = {}
-    found = [row for row in connection.execute(aggregates) if row.runs]
-    # Over an agent's whole history with no root run still running, its runs' stored
-    # costs are in the ix_runs_root_cost index in order: read the value at each rank
-    # there instead of fetching every cost (at a million calls, 100k floats fetched and
-    # sorted took two thirds of the time). Within a window the index cannot tell which
-    # runs are in it, so fetching that window's costs stays cheaper.
-    by_index = (
-        sqlite
-        and from_clause is r
-        and start is None
-        and end is None
-        and (per_agent or agent is not None)
-    )
-    if by_index:
-        picked = {
-            row.name: _costs_at_ranks(connection, row.name if per_agent else agent, int(row.runs))
-            for row in found
-        }
-        if any(values is None for values in picked.values()):
-            by_index = False  # runs went away between the two reads (a purge): fetch
-    if sqlite and not by_index:
-        # SQLite has no percentile aggregate (and a window function over the runs is
-        # slower than this): fetch the costs as the stored floats, sort them here.
-        costs_query = _root_filter(
-            sa.select(
-                name.label("name"), sa.type_coerce(cost, sa.Float()).label("cost")
-            ).select_from(from_clause),
-            agent=agent,
-            start=start,
-            end=end,
-        )
-        for row_name, amount in _raw_rows(connection, costs_query):
-            costs.setdefault(row_name, []).append(amount)
+    with _reading(engine) as connection:
 
-    results = []
-    for row in found:
-        if by_index:
-            p50, p90, p99 = (_money(amount) for amount in picked[row.name] or ())
-        elif sqlite:
-            ranked = sorted(costs[row.name])
-            p50, p90, p99 = (_money(nearest_rank(ranked, pct)) for pct in PERCENTILES)
-        else:
-            p50, p90, p99 = (_money(row._mapping[f"p{pct}"]) for pct in PERCENTILES)
-        count, successes = int(row.runs), int(row.successes)
-        total_cost = _money(row.cost)
-        value = _money(row.value) if row.valued else None
-        results.append(
-            OutcomeEconomics(
-                agent=row.name if per_agent else agent,
-                success_labels=labels,
-                runs=count,
-                successes=successes,
-                failed_runs=int(row.failed),
-                runs_without_outcome=int(row.without_outcome),
-                success_rate=_ratio(successes, count),
-                total_cost_usd=total_cost,
-                cost_per_success_usd=_per(total_cost, successes) if successes else None,
-                mean_cost_per_run_usd=_per(total_cost, count),
-                p50_cost_per_run_usd=p50,
-                p90_cost_per_run_usd=p90,
-                p99_cost_per_run_usd=p99,
-                mean_tokens_per_run=_ratio(int(row.tokens), count),
-                mean_calls_per_run=_ratio(int(row.calls), count),
-                outcome_value_usd=value,
-                margin_usd=None if value is None else value - total_cost,
-                unpriced_calls=int(row.unpriced),
-            )
-        )
-    return results
+        def execute(sql: str, params: Mapping[str, Any]) -> list[Any]:
+            if sqlite:
+                # Handed to sqlite3 as is, exactly as ``tokenledger report`` runs it
+                # without SQLAlchemy: the same statement, the same plan.
+                return list(connection.exec_driver_sql(sql, dict(params)))
+            # sa.text writes the named parameters in the driver's own style.
+            return list(connection.execute(sa.text(sql), dict(params)))
+
+        dialect = _SQLITE if sqlite else _POSTGRESQL
+        return _report_rows(execute, dimensions, start, end, root_only=root_only, dialect=dialect)
 
 
-def _costs_at_ranks(
-    connection: sa.Connection, agent: str | None, count: int
-) -> tuple[float, ...] | None:
-    """The p50/p90/p99 stored costs of ``agent``'s ``count`` root runs, read by rank from
-    the ix_runs_root_cost index; None if there are fewer runs than that now."""
-    r = runs_table
-    root: sa.ColumnElement[Any] = r.c.parent_id.is_(None)
-    if connection.dialect.name == "sqlite":
-        # Nearly every run is a root run, which SQLite's statistics cannot tell: without
-        # ``likelihood`` it walks the index on parent_id and sorts instead.
-        root = sa.func.likelihood(root, sa.literal_column("0.9"))
-    picked = []
-    for percentile in PERCENTILES:
-        query = (
-            sa.select(sa.type_coerce(r.c.cost_usd, sa.Float()))
-            .where(root, r.c.name == agent)
-            .order_by(r.c.cost_usd)
-            .limit(1)
-            .offset(_rank(count, percentile) - 1)
-        )
-        rows = _raw_rows(connection, query)
-        if not rows:
-            return None
-        picked.append(rows[0][0])
-    return tuple(picked)
-
-
-def _no_runs(agent: str | None, start: dt.datetime | None, end: dt.datetime | None) -> str:
-    which = f"of agent {agent!r}" if agent is not None else "at all"
-    window = ""
-    if start is not None:
-        window += f" since {start.isoformat()}"
-    if end is not None:
-        window += f" until {end.isoformat()}"
-    return f"The ledger has no root runs {which}{window}"
+# ---------------------------------------------------------------------------- outcomes
 
 
 def cost_per_outcome(
@@ -987,8 +391,8 @@ def cost_per_outcome(
     run that ended ok with any outcome recorded (`success_rule` explains both rules).
 
     ``since`` / ``until`` bound when the runs started (``until`` exclusive). Percentiles
-    are nearest-rank over the exact per-run costs, computed in Python (`nearest_rank`),
-    so SQLite and PostgreSQL give identical Decimals.
+    are nearest-rank over the exact per-run costs (`nearest_rank`), so SQLite and
+    PostgreSQL give identical Decimals.
 
     Raises:
         ConfigurationError: no root run matches (there is nothing to divide), or a bad
@@ -996,17 +400,14 @@ def cost_per_outcome(
 
     .. versionadded:: 0.1.0
     """
-    labels = parse_success(success)
-    start, end = _window(since, until)
-    found = _outcome_economics(
-        engine, agent=agent, start=start, end=end, labels=labels, per_agent=False
+    return _root_history(
+        engine,
+        agent,
+        success,
+        (since, until),
+        refusal=", so there is no cost per outcome to compute. Check the agent name "
+        "(`tokenledger runs --root-only` lists them) and the window.",
     )
-    if not found:
-        raise ConfigurationError(
-            _no_runs(agent, start, end) + ", so there is no cost per outcome to compute. "
-            "Check the agent name (`tokenledger runs --root-only` lists them) and the window."
-        )
-    return found[0]
 
 
 def cost_per_outcome_by_agent(
@@ -1024,9 +425,7 @@ def cost_per_outcome_by_agent(
     """
     labels = parse_success(success)
     start, end = _window(since, until)
-    rows = _outcome_economics(
-        engine, agent=agent, start=start, end=end, labels=labels, per_agent=True
-    )
+    rows = _economics(engine, agent=agent, start=start, end=end, labels=labels, per_agent=True)
     rows.sort(key=lambda row: (-row.total_cost_usd, row.agent or ""))
     return rows
 
@@ -1048,61 +447,9 @@ def outcomes(
     .. versionadded:: 0.1.0
     """
     start, end = _window(since, until)
-    with _reading(engine) as connection:
-        from_clause, figures = _run_totals(connection, agent=agent, start=start, end=end)
-        found = connection.execute(
-            _outcomes_query(from_clause, figures, agent, start, end, root_only=root_only)
-        ).all()
-    per_agent: dict[str, int] = {}
-    for name, _, count, *_ in found:
-        per_agent[name] = per_agent.get(name, 0) + int(count)
-    rows = [
-        OutcomeRow(
-            agent=name,
-            outcome=outcome,
-            runs=int(count),
-            share=_ratio(int(count), per_agent[name]),
-            runs_with_value=int(valued),
-            value_usd=_money(value) if valued else None,
-            cost_usd=_money(cost),
-        )
-        for name, outcome, count, valued, value, cost in found
-    ]
+    rows = _outcome_rows(engine, agent=agent, start=start, end=end, root_only=root_only)
     rows.sort(key=lambda row: (row.agent, -row.runs, row.outcome is None, row.outcome or ""))
     return rows
-
-
-def _outcomes_query(
-    from_clause: sa.FromClause,
-    figures: dict[str, sa.ColumnElement[Any]],
-    agent: str | None,
-    start: dt.datetime | None,
-    end: dt.datetime | None,
-    *,
-    root_only: bool,
-) -> sa.Select[Any]:
-    r = runs_table
-    query = (
-        sa.select(
-            r.c.name,
-            r.c.outcome,
-            sa.func.count(r.c.id),
-            sa.func.count(r.c.outcome_value),
-            sa.func.sum(r.c.outcome_value),
-            sa.func.sum(figures["cost_usd"]),
-        )
-        .select_from(from_clause)
-        .group_by(r.c.name, r.c.outcome)
-    )
-    if root_only:
-        query = query.where(r.c.parent_id.is_(None))
-    if agent is not None:
-        query = query.where(r.c.name == agent)
-    if start is not None:
-        query = query.where(r.c.started_at >= start)
-    if end is not None:
-        query = query.where(r.c.started_at < end)
-    return query
 
 
 # ---------------------------------------------------------------------------- counts
@@ -1118,7 +465,7 @@ def counts(engine: sa.Engine) -> LedgerCounts:
     call_query = sa.select(
         sa.func.count(c.c.id),
         sa.func.coalesce(sa.func.sum(sa.case((c.c.status != "ok", 1), else_=0)), 0),
-        _unpriced(c),
+        _unpriced_count(c),
         sa.func.sum(c.c.cost_usd),
         sa.func.min(c.c.started_at),
         sa.func.max(c.c.started_at),
@@ -1132,7 +479,7 @@ def counts(engine: sa.Engine) -> LedgerCounts:
         calls=int(calls),
         failed_calls=int(failed),
         unpriced_calls=int(unpriced),
-        cost_usd=_money(cost),
+        cost_usd=from_driver(cost),
         first_call_at=_utc(first),
         last_call_at=_utc(last),
     )
