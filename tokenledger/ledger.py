@@ -341,7 +341,7 @@ class Ledger:
         """
         import sqlalchemy as sa
 
-        from tokenledger.runs import parse_outcome
+        from tokenledger._run_args import parse_outcome
         from tokenledger.storage import runs
 
         label, amount = parse_outcome(label, value)

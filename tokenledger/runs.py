@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from tokenledger._money import AmountError, parse_usd
+from tokenledger._run_args import (
+    MAX_NAME_LENGTH,
+    check_run_budget,
+    check_run_name,
+    parse_outcome,
+    parse_usd_amount,
+    shown,
+    validate_tags,
+)
 from tokenledger.exceptions import BudgetExceeded, ConfigurationError
 from tokenledger.records import CallRecord, RunRecord, new_call, new_id, utcnow
 
@@ -37,9 +45,6 @@ R = TypeVar("R")
 _current_run: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
     "tokenledger_current_run", default=None
 )
-
-MAX_TAG_KEY_LENGTH = 128
-MAX_TAG_VALUE_LENGTH = 1024
 
 
 def current_run() -> Run | None:
@@ -65,115 +70,6 @@ def bind_context(fn: Callable[P, R]) -> Callable[P, R]:
         return ctx.copy().run(fn, *args, **kwargs)
 
     return bound
-
-
-MAX_OUTCOME_LENGTH = 200
-MAX_NAME_LENGTH = 200  # run names and charge names
-
-
-def parse_outcome(label: object, value: object) -> tuple[str, Decimal | None]:
-    """Check an outcome label and its optional USD value."""
-    if not isinstance(label, str) or not label.strip() or len(label) > MAX_OUTCOME_LENGTH:
-        raise ConfigurationError(
-            f"Outcome {label!r} is invalid; an outcome must be a non-empty string of at most "
-            f"{MAX_OUTCOME_LENGTH} characters, e.g. 'resolved'."
-        )
-    return label, parse_usd_amount(value, what=f"Outcome `{label}` has `value`")
-
-
-def parse_usd_amount(value: object, *, what: str) -> Decimal | None:
-    """An optional amount of US dollars given as str, int or Decimal."""
-    if value is None:
-        return None
-    try:
-        return parse_usd(value)
-    except AmountError as exc:
-        if exc.reason == "range":
-            raise ConfigurationError(
-                f"{what}={_shown(value)}; it must be an amount of US dollars from 0 to "
-                "1,000,000,000."
-            ) from None
-        raise ConfigurationError(
-            f"{what}={_shown(value)}; give an amount of US dollars as a string or Decimal, "
-            'e.g. "4.00".'
-        ) from None
-
-
-def _shown(value: object, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: a megabyte-long argument must not be
-    echoed whole in an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
-
-
-def check_run_name(name: object) -> None:
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
-        raise ConfigurationError(
-            f"Run name {_shown(name)} is invalid; a run name must be a non-empty string of at "
-            f"most {MAX_NAME_LENGTH} characters."
-        )
-
-
-def check_run_budget(budget: object, *, where: str) -> None:
-    from tokenledger.budgets import Budget
-
-    if budget is None:
-        return
-    if not isinstance(budget, Budget):
-        raise ConfigurationError(
-            f"`budget` of {where} is {_shown(budget)}; give a tokenledger.Budget, "
-            'e.g. budget=Budget(usd="0.50").'
-        )
-    if budget.per != "run":
-        raise ConfigurationError(
-            f"`budget` of {where} has per={budget.per!r}; a budget on a run caps that run "
-            "(per='run'). For a window shared across runs use "
-            f"ledger.set_budget('agent:NAME', usd=..., per={budget.per!r})."
-        )
-
-
-def _unstorable(text: str) -> bool:
-    if "\x00" in text:
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
-def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str, str]:
-    """Check tag keys and values; values are stored as strings."""
-    if tags is None:
-        return {}
-    if not isinstance(tags, Mapping):
-        raise ConfigurationError(
-            f"`tags` of {where} is {tags!r}; tags must be a mapping of str to str."
-        )
-    clean: dict[str, str] = {}
-    for key, value in tags.items():
-        if not isinstance(key, str) or not key or len(key) > MAX_TAG_KEY_LENGTH:
-            raise ConfigurationError(
-                f"Tag key {key!r} of {where} is invalid; a tag key must be a non-empty "
-                f"string of at most {MAX_TAG_KEY_LENGTH} characters."
-            )
-        if value is None or isinstance(value, (dict, list, tuple, set)):
-            raise ConfigurationError(
-                f"Tag `{key}` of {where} is {value!r}; a tag value must be a string or number."
-            )
-        text = str(value)
-        if _unstorable(key) or _unstorable(text):
-            raise ConfigurationError(
-                f"Tag `{key}` of {where} holds a NUL character or a lone surrogate, which "
-                "no ledger database can store; remove it."
-            )
-        if len(text) > MAX_TAG_VALUE_LENGTH:
-            raise ConfigurationError(
-                f"Tag `{key}` of {where} is {len(text)} characters long; a tag value may "
-                f"have at most {MAX_TAG_VALUE_LENGTH}."
-            )
-        clean[key] = text
-    return clean
 
 
 class Run:
@@ -391,7 +287,7 @@ class Run:
         """
         if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
             raise ConfigurationError(
-                f"Charge name {_shown(name)} is invalid; name the tool or resource in at most "
+                f"Charge name {shown(name)} is invalid; name the tool or resource in at most "
                 f"{MAX_NAME_LENGTH} characters, e.g. 'web_search'."
             )
         amount = parse_usd_amount(usd, what=f"Charge `{name}` has `usd`")
@@ -520,7 +416,7 @@ def agent_decorator(
     check_run_budget(budget, where=f"agent `{name}`")
     if outcome is not None and not callable(outcome):
         raise ConfigurationError(
-            f"`outcome` of agent `{name}` is {_shown(outcome)}; give a function of the "
+            f"`outcome` of agent `{name}` is {shown(outcome)}; give a function of the "
             "return value, e.g. outcome=lambda r: 'resolved' if r.ok else None."
         )
     clean = validate_tags(tags, where=f"agent `{name}`")
