@@ -26,6 +26,7 @@ from tokenledger._location import SQLITE_BUSY_TIMEOUT_S, default_url
 from tokenledger.exceptions import ConfigurationError, LedgerError
 
 __all__ = [
+    "SECRET_QUERY_KEYS",
     "check_dialect",
     "create_engine_for",
     "database_path",
@@ -40,6 +41,10 @@ _ACCEPTED_URLS = (
     "and `postgresql://user:password@host:5432/dbname` (also written `postgres://` or "
     "`postgresql+psycopg://`)."
 )
+
+#: Connection parameters that are secrets wherever they appear in a URL's query (libpq
+#: takes a password there too): hidden in messages, left out of a ledger's identity.
+SECRET_QUERY_KEYS = ("password", "sslpassword")
 
 # Applied on every new SQLite connection, after journal_mode=WAL (see _set_sqlite_pragmas).
 _SQLITE_PRAGMAS = (
@@ -83,7 +88,7 @@ def redact_url(url: str | URL) -> str:
             text = re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", str(url))
             return re.sub(r"((?:ssl)?password=)[^&\s]*", r"\1***", text)
     # A password may also travel as a query parameter (?password=..., libpq style).
-    secret_keys = [k for k in ("password", "sslpassword") if k in url.query]
+    secret_keys = [k for k in SECRET_QUERY_KEYS if k in url.query]
     if secret_keys:
         url = url.update_query_dict(dict.fromkeys(secret_keys, "***"))
     return url.render_as_string(hide_password=True)
