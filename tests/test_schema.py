@@ -2,7 +2,8 @@
 
 Each test gets a fresh, empty database on SQLite and on PostgreSQL (see conftest).
 """
-# Expected value first, as STYLE.md asks; ruff's SIM300 wants the opposite.
+# Assertions put the expected value first (`assert expected == actual`), the project's
+# convention for tests; ruff's SIM300 wants the opposite.
 
 from __future__ import annotations
 

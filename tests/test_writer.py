@@ -1,5 +1,6 @@
 """The background batch writer, on SQLite and PostgreSQL (see conftest's ``db_url``)."""
-# Expected value first, as STYLE.md asks; ruff's SIM300 wants the opposite.
+# Assertions put the expected value first (`assert expected == actual`), the project's
+# convention for tests; ruff's SIM300 wants the opposite.
 
 from __future__ import annotations
 

@@ -35,6 +35,11 @@ Replay is idempotent: rows carry client-generated ids and the writer inserts the
 state), so a segment replayed twice, or replayed after some of its rows were committed,
 never duplicates a row.
 
+This module runs a little over the 600 lines the others keep to, on purpose: it is one
+concept, the spool on disk, whose parts (where a spool lives, the line format, segments,
+who owns one) are each short and make sense only together, and the format they share
+is described once, above.
+
 .. versionadded:: 0.1.0
 """
 
@@ -58,6 +63,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tokenledger import storage
+from tokenledger._engine import SECRET_QUERY_KEYS
 
 try:  # POSIX; on Windows orphans are recognised by their writer's pid instead
     import fcntl
@@ -100,8 +106,6 @@ _TIME_COLUMNS = {
     for name, table in _TABLES.items()
 }
 _COLUMNS = {name: tuple(c.name for c in table.columns) for name, table in _TABLES.items()}
-# Connection parameters that are secrets wherever they appear in a URL.
-_SECRET_QUERY_KEYS = ("password", "sslpassword")
 
 Row = dict[str, Any]
 #: One decoded row: (table name, row).
@@ -124,7 +128,7 @@ def ledger_key(url: sa.URL) -> str:
             host=url.host,
             port=url.port,
             database=url.database,
-            query={k: v for k, v in url.query.items() if k not in _SECRET_QUERY_KEYS},
+            query={k: v for k, v in url.query.items() if k not in SECRET_QUERY_KEYS},
         )
         identity = public.render_as_string(hide_password=False)
     return hashlib.sha256(identity.encode("utf-8", "surrogatepass")).hexdigest()[:16]
