@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from tokenledger.spans import Telemetry
     from tokenledger.writer import BatchWriter
 
-__all__ = ["CallRecorder", "Recorder"]
+__all__ = ["MAX_TEXT_LENGTH", "CallRecorder", "Recorder", "bound_text"]
 
 logger = logging.getLogger("tokenledger")
 
@@ -94,6 +94,33 @@ class CallRecorder(Protocol):
     def put_run(self, record: RunRecord) -> None: ...
 
 
+#: The longest text stored in a call's name-like columns (model, provider, operation,
+#: error type, tool name, litellm call id). Longer text is cut to this many characters,
+#: ending in "…": a 3,000-character model name must not make PostgreSQL refuse the row
+#: (its indexes hold at most ~2.7 kB an entry), and no real name comes near it.
+MAX_TEXT_LENGTH = 256
+_BOUNDED_FIELDS = (
+    "model",
+    "requested_model",
+    "provider",
+    "operation",
+    "error_type",
+    "tool_name",
+    "litellm_call_id",
+)
+
+
+def bound_text(call: CallRecord) -> None:
+    """Cut every name-like field of ``call`` to `MAX_TEXT_LENGTH` characters."""
+    for field in _BOUNDED_FIELDS:
+        value = getattr(call, field)
+        if value is not None and len(value) > MAX_TEXT_LENGTH:
+            setattr(call, field, str(value)[: MAX_TEXT_LENGTH - 1] + "…")
+    reasons = call.finish_reasons
+    if reasons and (len(reasons) > 16 or any(len(r) > MAX_TEXT_LENGTH for r in reasons)):
+        call.finish_reasons = [r[:MAX_TEXT_LENGTH] for r in reasons[:16]]
+
+
 class Recorder:
     """Owns a ledger's call pipeline: its budgets, prices, telemetry and writer."""
 
@@ -138,6 +165,7 @@ class Recorder:
         from tokenledger.pricing import price_call
 
         call = pending.call
+        bound_text(call)
         try:
             price = price_call(self._prices(), call, pending.provider, provider_cost, usage)
         except UnpricedModelWarning:

@@ -50,6 +50,9 @@ class Outage(Exception):
         self.cause = cause
 
 
+_REFUSED_ROW_CLASSES = frozenset({"22", "23", "54"})
+
+
 def is_refused_row(exc: BaseException) -> bool:
     """True when ``exc`` says the rows are bad (retrying cannot help), not the database.
 
@@ -59,6 +62,13 @@ def is_refused_row(exc: BaseException) -> bool:
     if isinstance(exc, (sa.exc.DataError, sa.exc.IntegrityError, RefusedValue)):
         return True
     if isinstance(exc, sa.exc.DBAPIError):
+        # PostgreSQL names the class of an error in its SQLSTATE: 22 data exception,
+        # 23 integrity constraint, 54 program limit exceeded (an index entry over its
+        # ~2.7 kB limit, a row too big). All three are about the row, and a retry gets
+        # the same answer; psycopg wraps class 54 as an OperationalError, like an outage.
+        sqlstate = getattr(exc.orig, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate[:2] in _REFUSED_ROW_CLASSES:
+            return True
         # sqlite3 refusing a Python value it cannot bind; psycopg one it cannot adapt.
         message = str(exc.orig).lower()
         return "error binding parameter" in message or "cannot adapt type" in message

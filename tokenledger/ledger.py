@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from tokenledger import capture as _capture
+from tokenledger._money import MAX_USD, AmountError, parse_usd
 from tokenledger._recorder import Recorder
-from tokenledger.exceptions import ConfigurationError
+from tokenledger._run_args import shown
+from tokenledger.exceptions import ConfigurationError, UsageError
 from tokenledger.records import CallRecord, PriceRecord, new_call, utcnow
 from tokenledger.runs import Run, RunContext, agent_decorator, current_run, new_run_context
 from tokenledger.spans import Telemetry
@@ -396,8 +400,14 @@ class Ledger:
         )
         if status not in ("ok", "error", "abandoned", "refused"):
             raise ConfigurationError(
-                f"`status` is {status!r}; it must be one of ok, error, abandoned, refused."
+                f"`status` is {shown(status)}; it must be one of ok, error, abandoned, refused."
             )
+        if not isinstance(model, str) or not model.strip():
+            raise ConfigurationError(
+                f"`model` is {shown(model)}; name the model the call used, e.g. 'gpt-4o-mini'."
+            )
+        cost_usd = _reported_cost(cost_usd)
+        latency_ms = _latency(latency_ms)
         run = current_run()
         call = new_call(run, operation=operation, model=model, streamed=streamed)
         return self.recorder.record_finished(
@@ -436,6 +446,40 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"<Ledger {self.url}>"
+
+
+def _reported_cost(value: object) -> Decimal | None:
+    """``record_call``'s ``cost_usd``: a cost the provider reported, exactly."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value):
+        value = repr(value)  # the shortest text that round-trips: 0.0123, not its binary
+    try:
+        return parse_usd(value)
+    except AmountError:
+        raise UsageError(
+            f"`cost_usd` is {shown(value)}; a reported cost must be a finite amount of US "
+            f'dollars from 0 to {MAX_USD:,}, e.g. "0.0123".'
+        ) from None
+
+
+def _latency(value: object) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= _MAX_LATENCY_MS
+    ):
+        raise UsageError(
+            f"`latency_ms` is {shown(value)}; give the call's duration in milliseconds, a "
+            f"number from 0 to {_MAX_LATENCY_MS:,} (a week)."
+        )
+    return float(value)
+
+
+_MAX_LATENCY_MS = 7 * 24 * 3600 * 1000
 
 
 # -- the process-wide default ledger ---------------------------------------------------
