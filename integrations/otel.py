@@ -86,7 +86,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
 
 from opentelemetry.context import Context
 
-from tokenledger import _litellm
+from tokenledger import _litellm, spans
 from tokenledger import capture as _capture
 from tokenledger import semconv as sc
 from tokenledger.exceptions import UsageError
@@ -730,8 +730,15 @@ def instrument(
     """Add a `GenAISpanProcessor` to ``tracer_provider`` (default: the global one) and
     return it; ``processor.shutdown()`` stops it.
 
+    With no tracer provider given and none set globally yet, an SDK ``TracerProvider``
+    is made from the environment (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``)
+    and set globally, so instrumentations installed after this call trace into it.
+
     .. versionadded:: 0.1.0
     """
+    if tracer_provider is None and not spans.sdk_tracer_provider_is_set():
+        trace.set_tracer_provider(TracerProvider(resource=spans.otel_resource()))
+        logger.info("tokenledger set a global OpenTelemetry TracerProvider for its span processor")
     provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         raise TypeError(

@@ -508,19 +508,25 @@ def configure(
     durability: str = "batched",
     otlp_endpoint: str | None = None,
     otlp_headers: Mapping[str, str] | None = None,
-    service_name: str = "tokenledger",
+    service_name: str | None = None,
 ) -> Ledger:
     """Set up the process-wide default ledger (replacing any earlier one).
 
-    ``otlp_endpoint`` is the one opt-in that installs an OpenTelemetry SDK, exporting
-    spans and metrics over OTLP/HTTP (needs ``pip install 'tokenledger[otel]'``).
+    ``otlp_endpoint`` installs an OpenTelemetry SDK that exports spans and metrics over
+    OTLP/HTTP (needs ``pip install 'tokenledger[otel]'``). Without it, the standard
+    variables do the same when no tracer provider is set yet: ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    (or ``..._TRACES_ENDPOINT``), with ``OTEL_EXPORTER_OTLP_HEADERS``, ``OTEL_SERVICE_NAME``
+    and ``OTEL_RESOURCE_ATTRIBUTES``; ``OTEL_SDK_DISABLED=true`` switches that off.
+    ``service_name`` overrides the environment's; with neither, it is ``tokenledger``.
     .. versionadded:: 0.1.0
     """
     global _default
-    if otlp_endpoint is not None:
-        from tokenledger.spans import setup_otlp
+    from tokenledger import spans
 
-        setup_otlp(otlp_endpoint, service_name=service_name, headers=otlp_headers)
+    if otlp_endpoint is not None:
+        spans.setup_otlp(otlp_endpoint, service_name=service_name, headers=otlp_headers)
+    elif spans.otlp_configured_by_environment() and not spans.sdk_tracer_provider_is_set():
+        spans.setup_otlp(None, service_name=service_name, headers=otlp_headers)
     ledger = Ledger(
         url,
         capture=capture,

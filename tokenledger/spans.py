@@ -20,7 +20,14 @@ from tokenledger._version import __version__
 if TYPE_CHECKING:
     from tokenledger.records import CallRecord, RunRecord
 
-__all__ = ["Telemetry", "ids_of", "setup_otlp"]
+__all__ = [
+    "Telemetry",
+    "ids_of",
+    "otel_resource",
+    "otlp_configured_by_environment",
+    "sdk_tracer_provider_is_set",
+    "setup_otlp",
+]
 
 logger = logging.getLogger("tokenledger")
 
@@ -205,19 +212,26 @@ def _call_attributes(call: CallRecord) -> dict[str, Any]:
 
 
 def setup_otlp(
-    endpoint: str, *, service_name: str = "tokenledger", headers: Mapping[str, str] | None = None
+    endpoint: str | None = None,
+    *,
+    service_name: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     """Install a global OpenTelemetry SDK that exports spans and metrics over OTLP/HTTP.
 
-    The one place tokenledger touches the SDK; called by ``configure(otlp_endpoint=...)``.
-    Uses a ``BatchSpanProcessor`` so exporting never blocks the agent.
+    The one place tokenledger touches the SDK; called by ``configure(otlp_endpoint=...)``
+    and by ``configure()`` when only the standard ``OTEL_EXPORTER_OTLP_*`` variables name
+    a collector. Follows the SDK's environment conventions: with no ``endpoint`` the
+    exporters read ``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]ENDPOINT`` and ``..._HEADERS``
+    themselves, and the resource comes from ``OTEL_SERVICE_NAME`` and
+    ``OTEL_RESOURCE_ATTRIBUTES`` (see `otel_resource`). Uses a ``BatchSpanProcessor`` so
+    exporting never blocks the agent.
     """
     try:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.metrics import MeterProvider
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
-        from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
     except ModuleNotFoundError as exc:
@@ -226,16 +240,55 @@ def setup_otlp(
             "pip install 'tokenledger[otel]'",
             name=exc.name,
         ) from exc
-    endpoint = endpoint.rstrip("/")
-    resource = Resource.create({"service.name": service_name})
+    span_args: dict[str, Any] = {}
+    metric_args: dict[str, Any] = {}
+    if endpoint is not None:
+        base = endpoint.rstrip("/")
+        span_args["endpoint"] = f"{base}/v1/traces"
+        metric_args["endpoint"] = f"{base}/v1/metrics"
+    if headers is not None:
+        span_args["headers"] = metric_args["headers"] = dict(headers)
+    resource = otel_resource(service_name)
     tracer_provider = TracerProvider(resource=resource)
-    tracer_provider.add_span_processor(
-        BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces", headers=dict(headers or {}))
-        )
-    )
+    tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**span_args)))
     trace.set_tracer_provider(tracer_provider)
-    reader = PeriodicExportingMetricReader(
-        OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics", headers=dict(headers or {}))
-    )
+    reader = PeriodicExportingMetricReader(OTLPMetricExporter(**metric_args))
     metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=[reader]))
+
+
+def otel_resource(service_name: str | None = None) -> Any:
+    """The SDK `Resource` for tokenledger's own setup.
+
+    ``service_name`` wins when given; otherwise ``OTEL_SERVICE_NAME`` or a
+    ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES``; ``tokenledger`` only when the
+    environment names no service at all.
+    """
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+
+    resource = Resource.create()
+    if service_name is not None:
+        return resource.merge(Resource({SERVICE_NAME: service_name}))
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        return resource.merge(Resource({SERVICE_NAME: "tokenledger"}))
+    return resource
+
+
+def otlp_configured_by_environment() -> bool:
+    """True when the standard OpenTelemetry variables ask for OTLP export and the SDK is
+    not disabled: ``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT`` is set,
+    ``OTEL_SDK_DISABLED`` is not true and ``OTEL_TRACES_EXPORTER`` is not ``none``."""
+    import os
+
+    if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() == "none":
+        return False
+    return any(
+        os.environ.get(name, "").strip()
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def sdk_tracer_provider_is_set() -> bool:
+    """True when a global tracer provider other than the API's default proxy is set."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
