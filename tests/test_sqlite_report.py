@@ -30,7 +30,8 @@ from click.testing import CliRunner, Result
 
 from tokenledger import Ledger, _location, queries, schema, storage
 from tokenledger._reporting import key_text, money, parse_since, sqlite_timestamp
-from tokenledger.cli import _json_default, cli
+from tokenledger.cli import cli
+from tokenledger.cli._render import json_default
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import ReportRow, report
 from tokenledger.records import CallRecord, RunRecord, new_id
@@ -250,7 +251,7 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
 
 
 def expected_json(rows: list[ReportRow]) -> Any:
-    text = json.dumps([dataclasses.asdict(row) for row in rows], default=_json_default)
+    text = json.dumps([dataclasses.asdict(row) for row in rows], default=json_default)
     return json.loads(text)
 
 
