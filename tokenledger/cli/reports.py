@@ -278,17 +278,9 @@ def runs_command(
     from tokenledger.queries import list_runs
 
     start = time_value(since, "--since")
-    print_rows(
-        read_rows(
-            db_url,
-            lambda engine: list_runs(
-                engine, limit=limit, agent=agent, since=start, root_only=root_only
-            ),
-        ),
-        as_json=as_json,
-        table=_runs_table,
-        no_match=_NO_RUNS,
-    )
+    query = functools.partial(list_runs, limit=limit, agent=agent, since=start, root_only=root_only)
+    runs = read_rows(db_url, query)
+    print_rows(runs, as_json=as_json, table=_runs_table, no_match=_NO_RUNS)
 
 
 @click.command("calls")
@@ -311,10 +303,8 @@ def calls_command(
     from tokenledger.queries import list_calls
 
     start = time_value(since, "--since")
-    calls = read_rows(
-        db_url,
-        lambda engine: list_calls(engine, limit=limit, run_id=run_id, model=model, since=start),
-    )
+    query = functools.partial(list_calls, limit=limit, run_id=run_id, model=model, since=start)
+    calls = read_rows(db_url, query)
     print_rows(calls, as_json=as_json, table=_calls_table, no_match="No calls match these filters.")
 
 
