@@ -56,10 +56,12 @@ __all__ = [
     "wrap_plain",
 ]
 
-#: How a table cell shows an amount that has no value: a margin without outcome values.
+#: How a cell shows an amount that has no value, such as the cost per success of no success.
 NOT_APPLICABLE = "[dim]n/a[/]"
 # A call without a price has no cost: saying $0 would understate what was spent.
 _UNPRICED = "[yellow]unpriced[/]"
+
+# --------------------------------------------------------------------------- output
 
 # Piped output is read by tools and people with wide terminals: do not cut it at
 # rich's default of 80 columns.
@@ -207,6 +209,9 @@ _STATUS_STYLE = {"ok": "green", "error": "red", "budget_exceeded": "yellow", "ru
 
 def status_text(value: str) -> str:
     return f"[{_STATUS_STYLE.get(value, 'yellow')}]{escape(value)}[/]"
+
+
+# ---------------------------------------------------------------------------- tables
 
 
 @dataclasses.dataclass
