@@ -32,7 +32,8 @@ from tokenledger import Ledger, _location, queries, schema, storage
 from tokenledger._money import from_driver
 from tokenledger._report_sql import sqlite_timestamp
 from tokenledger._reporting import key_text, parse_since
-from tokenledger.cli import _json_default, cli
+from tokenledger.cli import cli
+from tokenledger.cli._render import json_default
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import ReportRow, report
 from tokenledger.records import CallRecord, RunRecord, new_id
@@ -252,7 +253,7 @@ def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
 
 
 def expected_json(rows: list[ReportRow]) -> Any:
-    text = json.dumps([dataclasses.asdict(row) for row in rows], default=_json_default)
+    text = json.dumps([dataclasses.asdict(row) for row in rows], default=json_default)
     return json.loads(text)
 
 

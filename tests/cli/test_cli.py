@@ -22,16 +22,8 @@ from rich.markup import escape as rich_escape
 from rich.text import Text
 
 from tokenledger import Ledger, schema, storage
-from tokenledger.cli import (
-    _REPORT_CAPTION,
-    _RICH_TERMINAL_ENV,
-    _Column,
-    _escape,
-    _fit_table,
-    _plain,
-    cli,
-    report_table,
-)
+from tokenledger.cli import _render, cli
+from tokenledger.cli.reports import REPORT_CAPTION, report_table
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import report
 
@@ -442,7 +434,7 @@ def modules_imported_by(code: str, *args: str, cwd: Path) -> tuple[set[str], str
         "atexit.register(lambda: print(json.dumps(sorted(sys.modules)), file=sys.stderr))\n"
     )
     # Not a terminal to rich either: these make rich colour a pipe.
-    env = {k: v for k, v in os.environ.items() if k not in _RICH_TERMINAL_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in _render.RICH_TERMINAL_ENV}
     done = subprocess.run(
         [sys.executable, "-c", reporter + code, *args],
         cwd=cwd,
@@ -519,7 +511,7 @@ def test_importing_tokenledger_defers_the_ledger_until_a_name_is_used(tmp_path: 
 names = st.text(st.sampled_from(list("abz AZ09_-.:$%[]/\\=@#→↳…é漢\t")), max_size=24)
 # Cells as the commands build them: escaped names and figures in our own markup.
 cells = st.one_of(
-    names.map(_escape),
+    names.map(_render.escape),
     st.sampled_from(["0", "12,345", "$0.0012", "[dim]0[/]", "[red]3[/]", "[bold]Total[/]"]),
     st.sampled_from(["[yellow]unpriced[/]", "[dim](outside runs)[/]", "5 [red](1 failed)[/]"]),
     st.just(""),
@@ -527,11 +519,11 @@ cells = st.one_of(
 
 
 @st.composite
-def tables(draw: st.DrawFn) -> tuple[list[_Column], dict[str, Any]]:
+def tables(draw: st.DrawFn) -> tuple[list[_render.Column], dict[str, Any]]:
     rows = draw(st.integers(1, 4))
     columns = [
-        _Column(
-            draw(names.filter(str.strip).map(_escape)),
+        _render.Column(
+            draw(names.filter(str.strip).map(_render.escape)),
             draw(st.lists(cells, min_size=rows, max_size=rows)),
             draw(cells),
             drop=draw(st.integers(0, 3)),
@@ -543,8 +535,8 @@ def tables(draw: st.DrawFn) -> tuple[list[_Column], dict[str, Any]]:
     ]
     options = {
         "width": draw(st.integers(10, 200)),
-        "title": draw(st.none() | names.map(_escape)),
-        "caption": draw(st.none() | st.sampled_from([_REPORT_CAPTION, "Short.\nTwo lines."])),
+        "title": draw(st.none() | names.map(_render.escape)),
+        "caption": draw(st.none() | st.sampled_from([REPORT_CAPTION, "Short.\nTwo lines."])),
         "with_total": draw(st.booleans()),
     }
     return columns, options
@@ -560,10 +552,10 @@ def rich_prints(renderable: Any, width: int) -> str:
 @settings(max_examples=300, deadline=None)
 @given(table=tables())
 def test_a_piped_table_is_printed_as_rich_prints_it(
-    table: tuple[list[_Column], dict[str, Any]],
+    table: tuple[list[_render.Column], dict[str, Any]],
 ) -> None:
     columns, options = table
-    laid_out = _fit_table(columns, **options)
+    laid_out = _render.fit_table(columns, **options)
 
     plain = laid_out.plain_text(options["width"])
 
@@ -574,7 +566,7 @@ def test_a_piped_table_is_printed_as_rich_prints_it(
 @settings(max_examples=300, deadline=None)
 @given(markup=st.one_of(cells, st.text(st.sampled_from(list("ab :1[]/\\dim"))), names))
 def test_plain_markup_is_the_text_rich_renders(markup: str) -> None:
-    plain = _plain(markup)
+    plain = _render.plain(markup)
 
     if plain is not None:
         assert Text.from_markup(markup).plain == plain
@@ -583,7 +575,7 @@ def test_plain_markup_is_the_text_rich_renders(markup: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(text=st.text(st.sampled_from(list("ab[]/\\@#=: "))))
 def test_escape_is_rich_markup_escape(text: str) -> None:
-    assert rich_escape(text) == _escape(text)
+    assert rich_escape(text) == _render.escape(text)
 
 
 def test_a_piped_report_is_plain_text_without_rich(recorded: Recorded) -> None:

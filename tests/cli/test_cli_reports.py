@@ -22,7 +22,6 @@ from test_reports_queries import HandLedger
 
 from tokenledger import Ledger, storage
 from tokenledger.cli import cli
-from tokenledger.cli_reports import COMMANDS
 from tokenledger.economics import ESTIMATE_NOTE
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import list_calls, list_runs
@@ -41,15 +40,8 @@ RUNNABLE = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _registered() -> Iterator[None]:
-    """The commands on the ``tokenledger`` group, as tokenledger.cli registers them."""
-    added = [command for command in COMMANDS if cli.commands.get(command.name or "") is not command]
-    for command in added:
-        cli.add_command(command)
-    yield
-    for command in added:
-        cli.commands.pop(command.name or "", None)
+def test_the_reporting_commands_are_on_the_tokenledger_group() -> None:
+    assert set(NAMES) <= set(cli.commands)
 
 
 def invoke(*args: str) -> Result:
@@ -519,13 +511,10 @@ def test_hostile_tags_and_names_are_only_data_on_the_command_line(
 
 
 def run_in_subprocess(args: list[str]) -> dict[str, Any]:
-    """``tokenledger ARGS`` in a fresh interpreter, the reporting commands registered."""
+    """``tokenledger ARGS`` in a fresh interpreter, as the console script runs it."""
     code = (
         "import json, sys\n"
-        "from tokenledger.cli import cli, main\n"
-        "from tokenledger.cli_reports import COMMANDS\n"
-        "for command in COMMANDS:\n"
-        "    cli.add_command(command)\n"
+        "from tokenledger.cli import main\n"
         "try:\n"
         "    main(sys.argv[1:])\n"
         "except SystemExit as exit:\n"

@@ -1,0 +1,77 @@
+"""The ``tokenledger`` command: read the ledger, set its budgets, migrate it, and run the
+offline demo.
+
+Start-up time matters for a command people run in loops and scripts, so the package
+imports only click at the top: SQLAlchemy, rich and the query layer are imported inside
+the commands that use them, and litellm only by ``tokenledger demo``; ``tokenledger
+report`` on a SQLite file does not import SQLAlchemy at all (see
+`tokenledger.cli.reports`). A table printed to a pipe is written without rich,
+character for character as rich would (see `tokenledger.cli._render`).
+
+Reading commands (``runs``, ``calls``, ``report``, ``status``, ``budgets``, ``db current``
+and the economics commands) and ``budgets rm`` never create or migrate a database: a
+missing SQLite file is an error, not a new ledger. ``budgets set``, like ``db upgrade``,
+creates a ledger where there is none.
+
+The modules: `_options` (options, opening the ledger, one-line errors) and `_render`
+(cells, JSON, tables) serve the command modules `reports`, `economics`, `export`,
+`budgets`, `db` and `demo`; this one gathers their commands into one group.
+
+.. versionadded:: 0.1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+
+from tokenledger._version import __version__
+from tokenledger.cli._options import LedgerGroup
+from tokenledger.cli.budgets import budgets
+from tokenledger.cli.db import db, path_command, status_command
+from tokenledger.cli.demo import demo
+from tokenledger.cli.economics import (
+    breakeven_command,
+    economics_command,
+    forecast_command,
+    reprice_command,
+)
+from tokenledger.cli.export import export_command
+from tokenledger.cli.reports import calls_command, outcomes_command, report_command, runs_command
+
+__all__ = ["cli", "main"]
+
+
+@click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tokenledger")
+def cli() -> None:
+    """Token accounting for LLM agent loops: see what every run and model costs.
+
+    Every command takes --db URL (default: $TOKENLEDGER_DATABASE_URL, else
+    tokenledger.db in the current directory). Start with `tokenledger demo`.
+    """
+
+
+for _command in (
+    demo,
+    path_command,
+    status_command,
+    runs_command,
+    calls_command,
+    report_command,
+    outcomes_command,
+    economics_command,
+    export_command,
+    forecast_command,
+    reprice_command,
+    breakeven_command,
+    budgets,
+    db,
+):
+    cli.add_command(_command)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``tokenledger`` console script."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="tokenledger")
