@@ -169,3 +169,19 @@ def _fresh_unpriced_warnings() -> None:
     from tokenledger import pricing
 
     pricing._warned.clear()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL, so ``-m "not postgres"`` selects the rest.
+
+    A test needs it when it takes the ``postgres_url`` fixture or runs as the
+    ``postgres`` variant of ``db_url``.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        fixtures = getattr(item, "fixturenames", ())
+        on_postgres = "postgres_url" in fixtures or (
+            callspec is not None and callspec.params.get("db_url") == "postgres"
+        )
+        if on_postgres:
+            item.add_marker(pytest.mark.postgres)
