@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
+from tokenledger._money import MAX_USD
 from tokenledger.budgets import (
     MAX_TOKENS,
-    MAX_USD,
     WINDOWS,
     BudgetDef,
     BudgetStatus,
