@@ -38,13 +38,10 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from tokenledger._money import MAX_USD, AmountError, parse_usd
 from tokenledger.exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from tokenledger.runs import Run
 
 __all__ = [
     "WINDOWS",
@@ -316,21 +313,3 @@ class BudgetStatus:
         if self.limit_tokens is None:
             return None
         return max(self.limit_tokens - self.spent_tokens - self.reserved_tokens, 0)
-
-
-@dataclasses.dataclass
-class Estimate:
-    usd: Decimal | None  # None: the model has no price
-    tokens: int
-    model: str
-
-
-@dataclasses.dataclass
-class Reservation:
-    """What a call holds until it settles: shared-budget lines and in-memory run lines."""
-
-    id: str
-    estimate: Estimate
-    lines: list[tuple[str, dt.datetime]]  # (budget id, window start) reserved in SQL
-    run_lines: list[Run]
-    warn_only: list[tuple[str, dt.datetime]]  # warn budgets: tracked, never refused

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
+    from tokenledger._reservations import BudgetStore
     from tokenledger.budgets import BudgetStatus
-    from tokenledger.enforcement import BudgetStore
     from tokenledger.queries import CallRow, ReportRow, RunRow
 
 __all__ = ["cli", "main"]
@@ -1190,7 +1190,7 @@ _ACTION_CHOICES = click.Choice(["raise", "warn", "downgrade"])
 
 
 def _budget_store(engine: sa.Engine) -> BudgetStore:
-    from tokenledger.enforcement import BudgetStore
+    from tokenledger._reservations import BudgetStore
 
     # The lease applies to reservations, which these commands never take.
     return BudgetStore(engine, lease_seconds=120.0)
