@@ -31,7 +31,7 @@ from tokenledger._budget_scope import (
     window_keys,
 )
 from tokenledger._money import usd_text
-from tokenledger._reservations import BudgetStore
+from tokenledger._reservations import BudgetStore, BudgetWindow
 from tokenledger.budgets import BudgetDef, parse_shared_budget, window_bounds
 from tokenledger.exceptions import BudgetExceeded, BudgetWarning, ConfigurationError, LedgerError
 from tokenledger.records import new_id, utcnow
@@ -77,6 +77,13 @@ class _Refused(NamedTuple):
     message: str
 
 
+class _RunFigures(NamedTuple):
+    """A run whose budget a call would pass, and that budget's figures."""
+
+    run: Run
+    figures: WindowFigures
+
+
 class _RunBudgets:
     """What calls in flight hold on the budgets given to runs (``budget=``). A run lives
     in one process, so its budget is kept in memory, against its recorded spend."""
@@ -90,8 +97,8 @@ class _RunBudgets:
         runs: list[Run],
         amount: Amount,
         held: list[Run],
-        passed: list[tuple[Run, WindowFigures]],
-    ) -> tuple[Run, WindowFigures] | None:
+        passed: list[_RunFigures],
+    ) -> _RunFigures | None:
         """Reserve ``amount`` on the budgets of ``runs`` (a run and its ancestors).
 
         Returns the first budget that refuses and its figures, or None. A ``warn``
@@ -110,14 +117,13 @@ class _RunBudgets:
                 )
                 figures = WindowFigures(spent, reserved.usd, used_tokens, reserved.tokens)
                 if (over_usd or over_tokens) and budget.action != "warn":
-                    return run, figures
+                    return _RunFigures(run, figures)
                 now_held = Amount(reserved.usd + amount.usd, reserved.tokens + amount.tokens)
                 self._reserved[run.id] = now_held
                 held.append(run)
                 if over_usd or over_tokens:
-                    passed.append(
-                        (run, WindowFigures(spent, now_held.usd, used_tokens, now_held.tokens))
-                    )
+                    figures = WindowFigures(spent, now_held.usd, used_tokens, now_held.tokens)
+                    passed.append(_RunFigures(run, figures))
         return None
 
     def release(self, runs: list[Run], amount: Amount) -> None:
@@ -256,8 +262,8 @@ class BudgetEnforcer:
         estimate: Estimate,
     ) -> _Refused | None:
         now = utcnow()
-        enforce: list[tuple[BudgetDef, dt.datetime]] = []
-        track: list[tuple[BudgetDef, dt.datetime]] = []
+        enforce: list[BudgetWindow] = []
+        track: list[BudgetWindow] = []
         for d in shared:
             start, _reset = window_bounds(d.per, now)
             (track if d.action == "warn" else enforce).append((d, start))
@@ -275,7 +281,7 @@ class BudgetEnforcer:
         amount = Amount(estimate.usd or Decimal(0), estimate.tokens)
         # In-memory run budgets first: cheapest to check, no I/O.
         held_runs: list[Run] = []
-        passed: list[tuple[Run, WindowFigures]] = []
+        passed: list[_RunFigures] = []
         refused_run = self._runs.reserve(run_budgets, amount, held_runs, passed)
         if refused_run is not None:
             self._runs.release(held_runs, amount)

@@ -137,6 +137,14 @@ class _Sync(NamedTuple):
     release: bool
 
 
+class _Synced(NamedTuple):
+    """A `_Sync` committed, and whether the lease's row was still there (False: another
+    process had reclaimed it)."""
+
+    sync: _Sync
+    alive: bool
+
+
 def _chunk(row: Any, amount: Amount) -> Amount | None:
     """What to lease on a window: `LEASE_CALLS` calls' worth, at most 1/`LEASE_SHARE` of
     the headroom left; None when that is under `LEASE_MIN_CALLS` calls."""
@@ -257,7 +265,7 @@ class Leases:
                 for line in lines
                 if (lease := self._leases.get(line)) is None or not lease.fits(amount)
             ]
-        done: list[tuple[_Sync, bool]] = []
+        done: list[_Synced] = []
         grown: list[tuple[_Lease, Amount]] = []
         with store.engine.begin() as conn:
             store.ensure_windows(conn, lines)
@@ -268,7 +276,7 @@ class Leases:
                     # Settle what the lease's calls spent first: the chunk is sized on
                     # the window as it stands.
                     alive = self._sync(conn, sync, until)
-                    done.append((sync, alive))
+                    done.append(_Synced(sync, alive))
                 chunk = _chunk(conn.execute(stmts.figures, params).one(), amount)
                 if chunk is None or (
                     conn.execute(
@@ -299,7 +307,7 @@ class Leases:
         self._grown(done, grown)
         return True
 
-    def _grown(self, done: list[tuple[_Sync, bool]], grown: list[tuple[_Lease, Amount]]) -> None:
+    def _grown(self, done: list[_Synced], grown: list[tuple[_Lease, Amount]]) -> None:
         """Bring the leases in line with a committed top-up, and start the flusher."""
         now = time.monotonic()
         expires = now + self.store.lease_seconds
@@ -466,17 +474,17 @@ class Leases:
             self._applied(self._commit(work))
         return True
 
-    def _commit(self, work: list[_Sync]) -> list[tuple[_Sync, bool]]:
+    def _commit(self, work: list[_Sync]) -> list[_Synced]:
         """Sync each lease of ``work`` in one transaction, in window order (so two
         processes lock windows in the same order); each with whether it was alive."""
         until = utcnow() + dt.timedelta(seconds=self.store.lease_seconds)
         with self.store.engine.begin() as conn:
             return [
-                (sync, self._sync(conn, sync, until))
+                _Synced(sync, self._sync(conn, sync, until))
                 for sync in sorted(work, key=lambda sync: sync.lease.line)
             ]
 
-    def _applied(self, results: list[tuple[_Sync, bool]]) -> None:
+    def _applied(self, results: list[_Synced]) -> None:
         """Bring the leases' figures in line with a committed flush or give-back."""
         expires = time.monotonic() + self.store.lease_seconds
         with self._lock:
