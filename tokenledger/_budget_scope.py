@@ -28,10 +28,10 @@ __all__ = [
     "Estimate",
     "WindowFigures",
     "WindowKey",
-    "applicable",
     "count_input_tokens",
     "estimate_call",
     "runs_with_budgets",
+    "shared_budgets_for",
     "window_keys",
 ]
 
@@ -111,7 +111,7 @@ def runs_with_budgets(run: Run | None) -> list[Run]:
     return found
 
 
-def applicable(defs: list[BudgetDef], run: Run | None) -> list[BudgetDef]:
+def shared_budgets_for(defs: list[BudgetDef], run: Run | None) -> list[BudgetDef]:
     """The shared budgets among ``defs`` whose scope covers a call made in ``run``."""
     if not defs:
         return []

@@ -25,9 +25,9 @@ from tokenledger._budget_scope import (
     Estimate,
     WindowFigures,
     WindowKey,
-    applicable,
     estimate_call,
     runs_with_budgets,
+    shared_budgets_for,
     window_keys,
 )
 from tokenledger._money import usd_text
@@ -192,7 +192,7 @@ class BudgetEnforcer:
         """The shared budgets and the runs with a budget that a call in ``run`` spends
         from."""
         run_budgets = runs_with_budgets(run)
-        return applicable(self.store.definitions(), run), run_budgets
+        return shared_budgets_for(self.store.definitions(), run), run_budgets
 
     def estimate(self, pending: PendingCall, kwargs: dict[str, Any], model: str) -> Estimate:
         return estimate_call(
