@@ -8,7 +8,7 @@ is sent), and the overspend observed when the budget runs out mid-run (must be 0
 A worker that keeps calling is busy in tokenledger's sense: after 8 calls in a second
 its store reserves out of a leased chunk of headroom (one transaction per 256 calls'
 worth) and settles in memory, its spend moved to the budget window by a flusher thread
-every 50 ms; see "reservations" in `tokenledger.enforcement.BudgetStore`. The overspend
+every 50 ms; see `tokenledger._leases`. The overspend
 run covers the other side: near the limit the store reserves call by call.
 
 Baseline, in the same run and with the same workers: the engine's raw atomic
@@ -51,7 +51,7 @@ def _budget_ids(url: str, count: int, limit_usd: str) -> list[str]:
 
 def _store(url: str) -> Any:
     from tokenledger import storage
-    from tokenledger.enforcement import BudgetStore
+    from tokenledger._reservations import BudgetStore
 
     engine = storage.create_engine_for(url)
     return engine, BudgetStore(engine, lease_seconds=120.0)

@@ -31,11 +31,11 @@ def cheap_count(model: str, kwargs: dict[str, Any]) -> int:
 
 def _p3(section: Section, quick: bool) -> None:
     from benchmarks._capture_worker import MESSAGES, MODEL
-    from tokenledger import enforcement
+    from tokenledger import _budget_scope
 
     kwargs = {"model": MODEL, "messages": MESSAGES * 3, "max_tokens": 64}
     n = 300 if quick else 5000
-    original = enforcement._count_input_tokens
+    original = _budget_scope.count_input_tokens
     original(MODEL, kwargs)
 
     def timed(fn: Any) -> dict[str, float]:

@@ -23,6 +23,7 @@ from typing import Any
 import litellm
 import pytest
 import sqlalchemy as sa
+from budget_calls import CALLBACK_LISTS, kill_once_holding
 from helpers import calls_of, rows
 from litellm.integrations.custom_logger import CustomLogger
 
@@ -40,15 +41,6 @@ CALL = Decimal("0.0000624")  # 16 x $0.15/M + 100 x $0.60/M, reserved and spent 
 FITS = 80  # calls the shared budget has room for
 LIMIT = CALL * FITS + CALL / 2  # not a whole number of calls: the last half never fits
 TENANT = "acme"
-CALLBACK_LISTS = (
-    "callbacks",
-    "input_callback",
-    "success_callback",
-    "failure_callback",
-    "_async_input_callback",
-    "_async_success_callback",
-    "_async_failure_callback",
-)
 
 
 class SentRequests(CustomLogger):
@@ -268,16 +260,8 @@ def test_a_reservation_of_a_killed_worker_blocks_the_budget_until_its_lease_ends
     ledger = Ledger(db_url, budget_lease_seconds=LEASE_SECONDS)
     try:
         ledger.set_budget(f"tenant:{TENANT}", usd=limit, per="day")
-        context = multiprocessing.get_context("spawn")
-        holding = context.Event()
-        worker = context.Process(target=doomed_worker, args=(db_url, holding))
-        worker.start()
-        try:
-            assert holding.wait(timeout=60), "the worker never reserved"
-        finally:
-            worker.kill()  # SIGKILL: no exit handler, no settle, no release
-            worker.join(timeout=30)
-        assert -signal.SIGKILL == worker.exitcode
+        # SIGKILL: no exit handler, no settle, no release
+        assert -signal.SIGKILL == kill_once_holding(doomed_worker, db_url, "reserved")
 
         (held,) = ledger.budgets()
         assert (CALL, BIG_CALL) == (held.spent_usd, held.reserved_usd)
@@ -330,159 +314,3 @@ def test_reclaiming_leaves_live_reservations_alone(db_url: str) -> None:
         with ledger.engine.connect() as connection:
             left = connection.execute(sa.text("SELECT COUNT(*) FROM reservations")).scalar()
     assert (CALL, Decimal(0), 0) == (held.reserved_usd, settled.reserved_usd, left)
-
-
-# -- leases: a busy process reserves chunks of headroom ahead of its calls -----------------
-
-ESTIMATE = Decimal("0.001")  # each call reserves this and spends it all
-ESTIMATE_TOKENS = 100
-
-
-def tenant_line(ledger: Ledger, scope: str) -> tuple[Any, dt.datetime]:
-    """The budget ``scope`` and the start of its current day, as `BudgetStore.reserve`
-    takes them."""
-    from tokenledger.budgets import window_bounds
-
-    definition = next(d for d in ledger._budgets.store.definitions(fresh=True) if d.scope == scope)
-    return definition, window_bounds("day", utcnow())[0]
-
-
-def reserve_and_settle(store: Any, line: tuple[Any, dt.datetime]) -> bool:
-    """One call through the store: True if it was reserved (and then settled in full)."""
-    from tokenledger.records import new_id
-
-    reservation_id = new_id()
-    if store.reserve(reservation_id, [line], [], ESTIMATE, ESTIMATE_TOKENS) is not None:
-        return False
-    lines = [(line[0].id, line[1])]
-    store.settle(reservation_id, lines, ESTIMATE, ESTIMATE_TOKENS, ESTIMATE, ESTIMATE_TOKENS)
-    return True
-
-
-def test_a_busy_process_reserves_out_of_a_leased_chunk_and_gives_it_back(db_url: str) -> None:
-    with Ledger(db_url, capture=False) as ledger:
-        ledger.set_budget("tenant:busy", usd="1000", per="day")
-        line = tenant_line(ledger, "tenant:busy")
-        store = ledger._budgets.store
-        for _ in range(100):
-            assert reserve_and_settle(store, line)
-        (status,) = ledger.budgets()  # the spend is flushed before the figures are read
-        (lease,) = rows(ledger, "reservations")  # one row holds the chunk, not 100
-        assert (ESTIMATE * 100, 100 * ESTIMATE_TOKENS) == (status.spent_usd, status.spent_tokens)
-        # What is reserved is exactly what the lease's row holds, and gives no call
-        # more room than it asked for beyond LEASE_CALLS calls.
-        assert lease["amount_usd"] <= 256 * ESTIMATE
-        assert (status.reserved_usd, status.reserved_tokens) == (
-            lease["amount_usd"],
-            lease["tokens"],
-        )
-    with Ledger(db_url, capture=False) as reader:
-        (closed,) = reader.budgets()
-        assert [] == rows(reader, "reservations")
-    assert (ESTIMATE * 100, Decimal(0), 0) == (
-        closed.spent_usd,
-        closed.reserved_usd,
-        closed.reserved_tokens,
-    )
-
-
-def test_near_its_limit_a_budget_is_reserved_call_by_call(db_url: str) -> None:
-    """A budget with room for 100 calls: 1/32 of it is under 8 calls, so no lease."""
-    from tokenledger.records import new_id
-
-    with Ledger(db_url, capture=False) as ledger:
-        ledger.set_budget("tenant:tight", usd=ESTIMATE * 100, per="day")
-        line = tenant_line(ledger, "tenant:tight")
-        store = ledger._budgets.store
-        for _ in range(20):
-            assert reserve_and_settle(store, line)
-        for _ in range(10):  # in flight
-            assert store.reserve(new_id(), [line], [], ESTIMATE, ESTIMATE_TOKENS) is None
-        (status,) = ledger.budgets()
-        held = rows(ledger, "reservations")
-    assert (ESTIMATE * 20, ESTIMATE * 10) == (status.spent_usd, status.reserved_usd)
-    assert [ESTIMATE] * 10 == [r["amount_usd"] for r in held]
-
-
-def test_threads_of_two_leasing_processes_fill_a_budget_and_never_pass_it(db_url: str) -> None:
-    """Two stores (as two processes would have) of eight threads each run a budget of
-    400.5 calls dry: exactly 400 calls get through, and nothing stays reserved."""
-    limit = ESTIMATE * 400 + ESTIMATE / 2
-    with Ledger(db_url, capture=False) as ledger:
-        ledger.set_budget("tenant:race", usd=limit, per="day")
-        line = tenant_line(ledger, "tenant:race")
-    ledgers = [Ledger(db_url, capture=False) for _ in range(2)]
-    accepted = [0] * 16
-    go = threading.Barrier(16)
-
-    def worker(index: int) -> None:
-        store = ledgers[index % 2]._budgets.store
-        go.wait()
-        refusals = 0
-        while refusals < 20:  # a refusal may be for headroom another call still holds
-            if reserve_and_settle(store, line):
-                accepted[index] += 1
-                refusals = 0
-            else:
-                refusals += 1
-                time.sleep(0.01)
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        for each in ledgers:
-            each.close()
-    with Ledger(db_url, capture=False) as reader:
-        (status,) = reader.budgets()
-        assert [] == rows(reader, "reservations")
-    assert (400, ESTIMATE * 400, Decimal(0)) == (
-        sum(accepted),
-        status.spent_usd,
-        status.reserved_usd,
-    )
-
-
-def lease_holder(db_url: str, holding: Any) -> None:
-    """Takes a lease, flushes its calls' spend, then hangs holding it until killed."""
-    ledger = Ledger(db_url, capture=False, budget_lease_seconds=LEASE_SECONDS)
-    line = tenant_line(ledger, f"tenant:{TENANT}")
-    store = ledger._budgets.store
-    for _ in range(20):
-        reserve_and_settle(store, line)
-    store.flush_leases()
-    holding.set()
-    time.sleep(3600)
-
-
-def test_the_lease_of_a_killed_process_is_reclaimed_once_it_expires(db_url: str) -> None:
-    with Ledger(db_url, capture=False, budget_lease_seconds=LEASE_SECONDS) as ledger:
-        ledger.set_budget(f"tenant:{TENANT}", usd="1000", per="day")
-        context = multiprocessing.get_context("spawn")
-        holding = context.Event()
-        worker = context.Process(target=lease_holder, args=(db_url, holding))
-        worker.start()
-        try:
-            assert holding.wait(timeout=60), "the worker never leased"
-        finally:
-            worker.kill()  # SIGKILL: the lease is neither flushed nor given back
-            worker.join(timeout=30)
-        (held,) = ledger.budgets()
-        (lease,) = rows(ledger, "reservations")
-        assert (ESTIMATE * 20, lease["amount_usd"]) == (held.spent_usd, held.reserved_usd)
-        assert Decimal(0) < held.reserved_usd
-        expires_at = lease["expires_at"]
-        if expires_at.tzinfo is None:
-            expires_at = expires_at.replace(tzinfo=dt.timezone.utc)
-        while utcnow() <= expires_at:
-            time.sleep(0.05)
-        (after,) = ledger.budgets()  # reclaims expired leases first
-        assert (ESTIMATE * 20, Decimal(0), 0) == (
-            after.spent_usd,
-            after.reserved_usd,
-            after.reserved_tokens,
-        )
-        assert [] == rows(ledger, "reservations")

@@ -30,8 +30,8 @@ from tokenledger.exceptions import UnpricedModelWarning
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from tokenledger._enforcer import BudgetEnforcer
     from tokenledger.capture import PendingCall
-    from tokenledger.enforcement import BudgetEnforcer
     from tokenledger.pricing import PriceBook
     from tokenledger.records import CallRecord, PriceRecord, RunRecord, TokenUsage
     from tokenledger.runs import Run

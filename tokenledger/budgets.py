@@ -36,15 +36,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from tokenledger._money import MAX_USD, AmountError, parse_usd
 from tokenledger.exceptions import ConfigurationError
-
-if TYPE_CHECKING:
-    from tokenledger.runs import Run
 
 __all__ = [
     "WINDOWS",
@@ -61,7 +58,6 @@ Action = Literal["raise", "warn", "downgrade"]
 WINDOWS: tuple[str, ...] = ("run", "hour", "day", "week", "month", "total")
 ACTIONS: tuple[str, ...] = ("raise", "warn", "downgrade")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-MAX_USD = Decimal("1000000000")
 MAX_TOKENS = 10**15
 MAX_SCOPE_LENGTH = 300
 
@@ -69,10 +65,15 @@ MAX_SCOPE_LENGTH = 300
 # -- parsing and validation -------------------------------------------------------------
 
 
-def _parse_usd(value: Any, *, where: str) -> Decimal | None:
+def _parse_limit_usd(value: Any, *, where: str) -> Decimal | None:
+    """A USD limit: positive, at most `MAX_USD`, never a float; None for no limit."""
     if value is None:
         return None
-    if isinstance(value, float) and math.isfinite(value) and value > 0:
+    try:
+        return parse_usd(value, positive=True)
+    except AmountError as exc:
+        reason = exc.reason
+    if reason == "float" and value > 0:
         # floats carry binary rounding into money; say so rather than guess
         raise ConfigurationError(
             f"{where} has `usd={value!r}`; give the amount as a string or Decimal, "
@@ -83,18 +84,24 @@ def _parse_usd(value: Any, *, where: str) -> Decimal | None:
             f"{where} has `usd={value!r}`; a limit must be a positive amount of US dollars, "
             'given as a string or Decimal, e.g. usd="5.00".'
         )
-    try:
-        amount = Decimal(str(value))
-    except (InvalidOperation, ValueError):
+    if reason == "type" or (isinstance(value, str) and not _is_number(value)):
         raise ConfigurationError(
             f"{where} has `usd={value!r}`; a limit must be a positive amount of US dollars."
-        ) from None
-    if not amount.is_finite() or amount <= 0 or amount > MAX_USD:
-        raise ConfigurationError(
-            f"{where} has `usd={value}`; a limit must be a positive amount of US dollars "
-            f"no larger than {MAX_USD:,}."
         )
-    return amount
+    raise ConfigurationError(
+        f"{where} has `usd={value}`; a limit must be a positive amount of US dollars "
+        f"no larger than {MAX_USD:,}."
+    )
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` reads as a number at all (NaN and -5 do; "five" does not), so
+    that an amount out of range is told apart from text that is no amount."""
+    try:
+        Decimal(text.strip())
+    except InvalidOperation:
+        return False
+    return True
 
 
 def _parse_tokens(value: Any, *, where: str) -> int | None:
@@ -186,7 +193,7 @@ def parse_shared_budget(
     """
     scope = parse_scope(scope)
     where = f"Budget `{scope}`"
-    parsed_usd = _parse_usd(usd, where=where)
+    parsed_usd = _parse_limit_usd(usd, where=where)
     parsed_tokens = _parse_tokens(tokens, where=where)
     if parsed_usd is None and parsed_tokens is None:
         raise ConfigurationError(
@@ -223,7 +230,7 @@ class Budget:
         downgrade_to: Sequence[str] = (),
     ) -> None:
         where = "Budget"
-        parsed_usd = _parse_usd(usd, where=where)
+        parsed_usd = _parse_limit_usd(usd, where=where)
         parsed_tokens = _parse_tokens(tokens, where=where)
         if parsed_usd is None and parsed_tokens is None:
             raise ConfigurationError(
@@ -306,21 +313,3 @@ class BudgetStatus:
         if self.limit_tokens is None:
             return None
         return max(self.limit_tokens - self.spent_tokens - self.reserved_tokens, 0)
-
-
-@dataclasses.dataclass
-class Estimate:
-    usd: Decimal | None  # None: the model has no price
-    tokens: int
-    model: str
-
-
-@dataclasses.dataclass
-class Reservation:
-    """What a call holds until it settles: shared-budget lines and in-memory run lines."""
-
-    id: str
-    estimate: Estimate
-    lines: list[tuple[str, dt.datetime]]  # (budget id, window start) reserved in SQL
-    run_lines: list[Run]
-    warn_only: list[tuple[str, dt.datetime]]  # warn budgets: tracked, never refused

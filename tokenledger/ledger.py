@@ -86,7 +86,7 @@ class Ledger:
         spool_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         from tokenledger import schema, storage
-        from tokenledger.enforcement import BudgetEnforcer
+        from tokenledger._enforcer import BudgetEnforcer
         from tokenledger.writer import BatchWriter
 
         if not isinstance(flush_interval, (int, float)) or not 0 < flush_interval <= 3600:

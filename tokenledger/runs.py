@@ -121,7 +121,7 @@ class Run:
             tags=merged,
             started_at=utcnow(),
         )
-        self.budget: Any = budget  # Budget | None; narrowed where budgets are enforced
+        self.budget = budget
         # One lock per run tree: calls from many threads update a run and its ancestors.
         self._lock: threading.Lock = parent._lock if parent is not None else threading.Lock()
         self._span: trace.Span | None = None

@@ -38,8 +38,8 @@ from tokenledger.exceptions import ConfigurationError
 if TYPE_CHECKING:
     import sqlalchemy as sa
 
+    from tokenledger._reservations import BudgetStore
     from tokenledger.budgets import BudgetStatus
-    from tokenledger.enforcement import BudgetStore
 
 __all__ = ["budgets"]
 
@@ -51,7 +51,7 @@ _ACTION_CHOICES = click.Choice(["raise", "warn", "downgrade"])
 
 
 def _budget_store(engine: sa.Engine) -> BudgetStore:
-    from tokenledger.enforcement import BudgetStore
+    from tokenledger._reservations import BudgetStore
 
     # The lease applies to reservations, which these commands never take.
     return BudgetStore(engine, lease_seconds=120.0)
