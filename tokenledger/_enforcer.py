@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from tokenledger.budgets import Budget
     from tokenledger.capture import PendingCall
     from tokenledger.ledger import Ledger
+    from tokenledger.records import CallRecord
     from tokenledger.runs import Run
 
 __all__ = ["BudgetEnforcer", "Reservation"]
@@ -60,6 +61,9 @@ class Reservation:
     @property
     def amount(self) -> Amount:
         return Amount(self.estimate.usd or Decimal(0), self.estimate.tokens)
+
+
+NO_AMOUNT = Amount(Decimal(0), 0)
 
 
 class _Limit(NamedTuple):
@@ -92,6 +96,9 @@ class _RunBudgets:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._reserved: dict[str, Amount] = {}
+        # Spend charged at its estimate because no cost could be computed: the run's
+        # own totals leave such calls out, so the budget counts them here.
+        self._charged: dict[str, Amount] = {}
 
     def reserve(
         self,
@@ -109,9 +116,10 @@ class _RunBudgets:
         with self._lock:
             for run in runs:
                 budget = _cap(run)
-                spent = run.cost_usd
-                reserved = self._reserved.get(run.id, Amount(Decimal(0), 0))
-                used_tokens = run.input_tokens + run.output_tokens
+                charged = self._charged.get(run.id, NO_AMOUNT)
+                spent = run.cost_usd + charged.usd
+                reserved = self._reserved.get(run.id, NO_AMOUNT)
+                used_tokens = run.input_tokens + run.output_tokens + charged.tokens
                 over_usd = budget.usd is not None and spent + reserved.usd + amount.usd > budget.usd
                 over_tokens = budget.tokens is not None and (
                     used_tokens + reserved.tokens + amount.tokens > budget.tokens
@@ -137,9 +145,24 @@ class _RunBudgets:
                 else:
                     self._reserved[run.id] = left
 
+    def charge(self, runs: list[Run], amount: Amount) -> None:
+        """Count ``amount`` as spent on these runs' budgets (a call with no cost)."""
+        with self._lock:
+            for run in runs:
+                charged = self._charged.get(run.id, NO_AMOUNT)
+                self._charged[run.id] = Amount(
+                    charged.usd + amount.usd, charged.tokens + amount.tokens
+                )
+
     def forget(self, run: Run) -> None:
         with self._lock:
             self._reserved.pop(run.id, None)
+            self._charged.pop(run.id, None)
+
+
+def _usage_unknown(call: CallRecord) -> bool:
+    """The provider's usage could not be read, and nothing was counted in its place."""
+    return call.usage_estimated and not (call.input_tokens or call.output_tokens)
 
 
 class BudgetEnforcer:
@@ -152,6 +175,7 @@ class BudgetEnforcer:
         lease_seconds: float = 120.0,
         default_max_output_tokens: int = 4096,
         failure_policy: str = "fail_closed",
+        io_timeout: float = 1.0,
     ) -> None:
         if failure_policy not in ("fail_closed", "fail_open"):
             raise ConfigurationError(
@@ -163,7 +187,7 @@ class BudgetEnforcer:
         #: Calls let through unreserved under ``fail_open`` while the database was down.
         self.unreserved_calls = 0
         self.ledger = ledger
-        self.store = BudgetStore(ledger.engine, lease_seconds=lease_seconds)
+        self.store = BudgetStore(ledger.engine, lease_seconds=lease_seconds, io_timeout=io_timeout)
         self.default_max_output_tokens = default_max_output_tokens
         self._runs = _RunBudgets()
 
@@ -206,7 +230,19 @@ class BudgetEnforcer:
 
     # -- before a call -----------------------------------------------------------------
     def before_call(self, pending: PendingCall, kwargs: dict[str, Any]) -> None:
-        shared, run_budgets = self.applicable(pending.run)
+        try:
+            shared, run_budgets = self.applicable(pending.run)
+        except LedgerError as exc:
+            # The budgets were never read (the database has been down since start-up):
+            # which ones apply is unknown, so the policy decides for every call.
+            if self.failure_policy == "fail_closed":
+                raise LedgerError(
+                    f"tokenledger could not read the budgets of the ledger at "
+                    f"{self.ledger.url} ({exc}); the call was not sent because budgets "
+                    "fail closed."
+                ) from exc
+            self._count_unreserved(pending.call.requested_model or "?", exc)
+            return
         if not shared and not run_budgets:
             return
         requested = pending.call.requested_model or ""
@@ -307,16 +343,7 @@ class BudgetEnforcer:
                         "was not sent because budgets fail closed."
                     ) from exc
                 # fail_open: the call proceeds unreserved, and says so.
-                self.unreserved_calls += 1
-                logger.warning(
-                    "tokenledger could not reserve budget for a call to %s (database at %s: "
-                    "%s); the call proceeds unreserved because budget_failure_policy is "
-                    "fail_open (%d such calls so far)",
-                    estimate.model,
-                    self.ledger.url,
-                    exc.__class__.__name__,
-                    self.unreserved_calls,
-                )
+                self._count_unreserved(estimate.model, exc)
                 enforce, track, refused = [], [], None
             if refused is not None:
                 self._runs.release(held_runs, amount)
@@ -332,7 +359,11 @@ class BudgetEnforcer:
             limit = _Limit(f"run:{run.name}", "run", budget.usd, budget.tokens)
             self._warn(f"Run `{run.name}` budget", limit, figures, estimate, pending)
         for d, start in track:
-            figures = self.store.window_figures(d.id, start)
+            try:
+                figures = self.store.bounded(self.store.window_figures, d.id, start)
+            except Exception as exc:
+                logger.warning("tokenledger could not read budget `%s` to warn: %s", d.scope, exc)
+                continue
             if figures.over(d.usd, d.tokens):
                 limit = _Limit(d.scope, d.per, d.usd, d.tokens)
                 self._warn(f"Budget `{d.scope}` ({d.per})", limit, figures, estimate, pending)
@@ -344,6 +375,18 @@ class BudgetEnforcer:
             warn_only=[WindowKey(d.id, s) for d, s in track],
         )
         return None
+
+    def _count_unreserved(self, model: str, exc: BaseException) -> None:
+        self.unreserved_calls += 1
+        logger.warning(
+            "tokenledger could not reserve budget for a call to %s (database at %s: "
+            "%s); the call proceeds unreserved because budget_failure_policy is "
+            "fail_open (%d such calls so far)",
+            model,
+            self.ledger.url,
+            exc.__class__.__name__,
+            self.unreserved_calls,
+        )
 
     def _warn(
         self,
@@ -378,6 +421,17 @@ class BudgetEnforcer:
         estimate = reservation.estimate
         est_usd = reservation.amount.usd
         spent = Amount(call.cost_usd or Decimal(0), call.input_tokens + call.output_tokens)
+        unknown_usage = _usage_unknown(call)
+        if call.cost_usd is None and (call.status == "ok" or unknown_usage):
+            # No cost could be computed (the usage was missing, negative, NaN, absurd):
+            # charge the estimate the call was reserved at, never zero, so bad usage
+            # cannot let a budget spend freely. The run's own totals leave the call out,
+            # so its run budgets are charged the same here.
+            spent = Amount(est_usd, reservation.amount.tokens if unknown_usage else spent.tokens)
+            self._runs.charge(
+                reservation.run_lines,
+                Amount(est_usd, reservation.amount.tokens if unknown_usage else 0),
+            )
         if estimate.usd is not None and spent.usd > est_usd:
             logger.warning(
                 "Call %s to %s cost $%s, more than the $%s reserved for it (no max_tokens?); "

@@ -192,6 +192,15 @@ class Leases:
             self._reset()
 
     # -- reserving out of leases -------------------------------------------------------
+    def take(self, reservation_id: str, lines: list[WindowKey], amount: Amount) -> bool:
+        """Reserve a call out of the leases held now, if they have room: no I/O, no
+        waiting on a top-up. False: try `reserve` (which may top up) or reserve exactly."""
+        if not self.enabled or not self._leases:
+            return False
+        self._check_fork()
+        with self._lock:
+            return self._take(reservation_id, lines, amount, time.monotonic())
+
     def reserve(self, reservation_id: str, lines: list[WindowKey], amount: Amount) -> bool:
         """Reserve a call out of leases, taking or topping them up when this process is
         busy on its budgets. False: reserve it exactly."""

@@ -17,6 +17,8 @@ SQLAlchemy, so `tokenledger.budgets` (imported by ``import tokenledger``) does n
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -24,9 +26,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 
@@ -59,6 +61,10 @@ logger = logging.getLogger("tokenledger")
 BudgetWindow = tuple[BudgetDef, dt.datetime]
 
 
+T = TypeVar("T")
+Late = Callable[["concurrent.futures.Future[Any]"], None]
+
+
 class _Request(NamedTuple):
     """One call's reservation: the budgets it must fit (all or none), those it is only
     tracked on (``warn``), and its estimate."""
@@ -67,6 +73,14 @@ class _Request(NamedTuple):
     enforce: Sequence[BudgetWindow]
     track: Sequence[BudgetWindow]
     amount: Amount
+
+
+class BudgetStoreStalled(LedgerError):
+    """The ledger database did not answer a budget operation within `BudgetStore.io_timeout`.
+
+    A hung database (connection accepted, no answer) is handled exactly like a refused
+    one: budgets fail closed or open per policy, and the call is never held longer.
+    """
 
 
 class Refusal(NamedTuple):
@@ -81,7 +95,7 @@ class Refusal(NamedTuple):
 class BudgetStore:
     """Budget definitions and atomic reservations in the ledger database."""
 
-    def __init__(self, engine: sa.Engine, *, lease_seconds: float) -> None:
+    def __init__(self, engine: sa.Engine, *, lease_seconds: float, io_timeout: float = 1.0) -> None:
         self.lease_seconds = lease_seconds
         self._host = socket.gethostname()
         if engine.dialect.name == "sqlite":
@@ -106,6 +120,15 @@ class BudgetStore:
         self.cache_ttl = 2.0
         self.statements = build_statements(self.engine.dialect.name)
         self.leases = Leases(self)
+        #: The longest a caller waits for the database on a budget operation (seconds).
+        self.io_timeout = io_timeout
+        # Budget I/O runs on these threads, so the caller can stop waiting at
+        # `io_timeout` while a hung connection stays stuck on a worker, not on the call.
+        self._io = concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="tokenledger-budget-io"
+        )
+        self._refreshing = False
+        self._refresh_lock = threading.Lock()
 
     @property
     def holder(self) -> str:
@@ -122,11 +145,63 @@ class BudgetStore:
 
     def definitions(self, *, fresh: bool = False) -> list[BudgetDef]:
         """All shared budgets, cached for ``cache_ttl`` seconds (budgets change rarely;
-        a change made by another process is seen within that time)."""
+        a change made by another process is seen within that time).
+
+        A stale cache is served as it is while a worker thread reads the table again, so
+        a call never waits for the database to learn that no budget applies. Only the
+        first read (nothing cached yet) and ``fresh`` wait, at most `io_timeout`.
+
+        Raises:
+            LedgerError: nothing is cached and the database did not answer.
+        """
         now = time.monotonic()
         cached = self._cache
-        if not fresh and cached is not None and now - self._cache_at < self.cache_ttl:
+        if not fresh and cached is not None:
+            if now - self._cache_at >= self.cache_ttl:
+                self._refresh_in_background()
             return cached
+        return self.bounded(self._read_definitions, fresh)
+
+    def _refresh_in_background(self) -> None:
+        # Its own lock: `_cache_lock` is held across the read itself, which may hang.
+        with self._refresh_lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+
+        def refresh() -> None:
+            try:
+                self._read_definitions(False)
+            except Exception:
+                logger.debug("tokenledger could not refresh budgets", exc_info=True)
+            finally:
+                self._refreshing = False
+
+        try:
+            self._io.submit(refresh)
+        except RuntimeError:  # shut down: nothing more to refresh
+            self._refreshing = False
+
+    def bounded(self, work: Callable[..., T], *args: Any, on_late: Late | None = None) -> T:
+        """Run ``work(*args)`` on a budget I/O thread and wait at most `io_timeout`.
+
+        Raises `BudgetStoreStalled` when the database has not answered by then; the work
+        goes on in its thread, and ``on_late`` is called with its future once it ends
+        (to give back a reservation nobody is waiting for).
+        """
+        future = self._io.submit(work, *args)
+        try:
+            return future.result(timeout=self.io_timeout)
+        except concurrent.futures.TimeoutError:
+            if on_late is not None:
+                future.add_done_callback(on_late)
+            raise BudgetStoreStalled(
+                f"the ledger database at {storage.redact_url(self.engine.url)} did not answer "
+                f"a budget operation within {self.io_timeout:g} s"
+            ) from None
+
+    def _read_definitions(self, fresh: bool) -> list[BudgetDef]:
+        cached = self._cache
         with self._cache_lock:
             try:
                 with self.engine.connect() as conn:
@@ -305,6 +380,26 @@ class BudgetStore:
         holding the budget) and tries once more.
         """
         call = _Request(reservation_id, enforce, track, Amount(usd, tokens))
+        if self._leased_now(call):
+            return None
+
+        def late(future: concurrent.futures.Future[Refusal | None]) -> None:
+            # The caller stopped waiting: whatever this reserved is held by nobody.
+            if not future.cancelled() and future.exception() is None and future.result() is None:
+                lines = [WindowKey(d.id, s) for d, s in [*enforce, *track]]
+                with contextlib.suppress(Exception):
+                    self.settle(reservation_id, lines, usd, tokens, Decimal(0), 0)
+
+        return self.bounded(self._reserve_with_retries, call, reclaim, on_late=late)
+
+    def _leased_now(self, call: _Request) -> bool:
+        """Reserve out of this process's leases if they have room now (no I/O)."""
+        if not call.enforce or call.track:
+            return False
+        keys = sorted({WindowKey(d.id, s) for d, s in call.enforce})
+        return self.leases.take(call.reservation_id, keys, call.amount)
+
+    def _reserve_with_retries(self, call: _Request, reclaim: bool) -> Refusal | None:
         refused = self._attempt(call)
         if refused is not None and reclaim and self.reclaim_expired():
             refused = self._attempt(call)
@@ -413,6 +508,9 @@ class BudgetStore:
 
     def add_spend(self, lines: Sequence[WindowKey], usd: Decimal, tokens: int) -> None:
         """Add spend with no reservation behind it (a call recorded after the fact)."""
+        self.bounded(self._add_spend, lines, usd, tokens)
+
+    def _add_spend(self, lines: Sequence[WindowKey], usd: Decimal, tokens: int) -> None:
         with self.engine.begin() as conn:
             self.ensure_windows(conn, lines)
             for key in sorted(lines):
@@ -440,7 +538,12 @@ class BudgetStore:
         spent = Amount(spent_usd, spent_tokens)
         if self.leases.settle(reservation_id, reserved, spent):
             return
-        over = max(spent_usd - reserved_usd, Decimal(0))
+        self.bounded(self._settle_exactly, reservation_id, lines, reserved, spent)
+
+    def _settle_exactly(
+        self, reservation_id: str, lines: Sequence[WindowKey], reserved: Amount, spent: Amount
+    ) -> None:
+        over = max(spent.usd - reserved.usd, Decimal(0))
         if self._pg and len(lines) == 1:
             params = self.statements.move_args(WindowKey(*lines[0]), reserved, spent, over)
             with self._autocommit() as conn:
@@ -495,6 +598,8 @@ class BudgetStore:
     def dispose(self) -> None:
         """Give back this process's leases and close the connections."""
         self.leases.close()
+        # Stuck workers (a hung database) are left to their connections' fate.
+        self._io.shutdown(wait=False, cancel_futures=True)
         if self.engine is not None:
             self.engine.dispose()
 

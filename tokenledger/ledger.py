@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -19,7 +20,12 @@ from tokenledger import capture as _capture
 from tokenledger._money import MAX_USD, AmountError, parse_usd
 from tokenledger._recorder import Recorder
 from tokenledger._run_args import shown
-from tokenledger.exceptions import ConfigurationError, UsageError
+from tokenledger.exceptions import (
+    ConfigurationError,
+    LedgerError,
+    SchemaVersionError,
+    UsageError,
+)
 from tokenledger.records import CallRecord, PriceRecord, new_call, utcnow
 from tokenledger.runs import Run, RunContext, agent_decorator, current_run, new_run_context
 from tokenledger.spans import Telemetry
@@ -66,6 +72,15 @@ class Ledger:
             the local spool (never dropped).
         spool_dir: where the spool lives (default: next to a SQLite ledger, else
             ``~/.cache/tokenledger/spool``).
+        budget_timeout: the longest a call waits for the database on a budget
+            operation, in seconds; a database that has not answered by then (hung, or
+            locked by another process) is treated as unreachable and
+            ``budget_failure_policy`` decides.
+        startup_timeout: the longest ``Ledger(...)`` waits for the database to check
+            its schema. An unreachable (or hung) database does not stop the program:
+            the ledger starts degraded, keeps and spools its rows, applies
+            ``budget_failure_policy`` to budgeted calls, and checks the schema in the
+            background until the database answers. See docs/reliability.md.
 
     .. versionadded:: 0.1.0
     """
@@ -84,8 +99,10 @@ class Ledger:
         durability: str = "batched",
         max_buffer_rows: int = 100_000,
         spool_dir: str | os.PathLike[str] | None = None,
+        budget_timeout: float = 2.0,
+        startup_timeout: float = 5.0,
     ) -> None:
-        from tokenledger import schema, storage
+        from tokenledger import storage
         from tokenledger._enforcer import BudgetEnforcer
         from tokenledger.writer import BatchWriter
 
@@ -96,8 +113,22 @@ class Ledger:
             )
         self.capture = capture
         self.record_calls_outside_runs = record_calls_outside_runs
+        for name, value in (
+            ("budget_timeout", budget_timeout),
+            ("startup_timeout", startup_timeout),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not 0 < value <= 600
+            ):
+                raise ConfigurationError(
+                    f"`{name}` is {shown(value)}; it must be a number of seconds greater than "
+                    "0 and at most 600."
+                )
         self._engine: sqlalchemy.Engine = storage.create_engine_for(url)
-        schema.ensure_schema(self._engine)
+        #: False while the database has not answered since start-up (see `startup_timeout`).
+        self.connected = self._check_schema(float(startup_timeout))
         writer = BatchWriter(
             self._engine,
             max_delay=float(flush_interval),
@@ -124,15 +155,88 @@ class Ledger:
             lease_seconds=float(budget_lease_seconds),
             default_max_output_tokens=default_max_output_tokens,
             failure_policy=budget_failure_policy,
+            io_timeout=float(budget_timeout),
         )
-        # Read the budgets now, while the database is known to be up, so a later outage
-        # keeps enforcing the last budgets seen.
-        self._budgets.store.definitions()
+        if self.connected:
+            # Read the budgets now, while the database is known to be up, so a later
+            # outage keeps enforcing the last budgets seen.
+            self._read_budgets()
+        else:
+            threading.Thread(
+                target=self._connect_in_background, name="tokenledger-connect", daemon=True
+            ).start()
         if capture:
             _capture.set_capture_ledger(self)
             from tokenledger import _litellm
 
             _litellm.install_when_imported()
+
+    # -- start-up ---------------------------------------------------------------------
+    def _check_schema(self, timeout: float) -> bool:
+        """Check (or create) the schema, waiting at most ``timeout`` seconds. True when
+        done; False when the database is unreachable or did not answer in time.
+
+        A wrong schema revision is a configuration error and raises at once.
+        """
+        from tokenledger import schema
+
+        outcome: list[BaseException | None] = []
+        worker = threading.Thread(
+            target=lambda: outcome.append(_attempt(schema.ensure_schema, self._engine)),
+            name="tokenledger-schema",
+            daemon=True,
+        )
+        worker.start()
+        worker.join(timeout)
+        if not outcome:
+            logger.warning(
+                "tokenledger starts without its database: %s did not answer within %g s. "
+                "Rows are kept and spooled, budgeted calls follow the failure policy, and "
+                "the schema is checked again in the background.",
+                self.url,
+                timeout,
+            )
+            return False
+        error = outcome[0]
+        if error is None:
+            return True
+        if not _unreachable(self._engine, error):
+            raise error
+        logger.warning(
+            "tokenledger starts without its database (%s). Rows are kept and spooled, "
+            "budgeted calls follow the failure policy, and the schema is checked again in "
+            "the background.",
+            error,
+        )
+        return False
+
+    def _connect_in_background(self) -> None:
+        """Retry the schema check until the database answers (degraded start-up)."""
+        from tokenledger import schema
+
+        delay = 0.5
+        while not self._closed:
+            error = _attempt(schema.ensure_schema, self._engine)
+            if error is None:
+                self._read_budgets()
+                self.connected = True
+                logger.warning("tokenledger reached its database at %s", self.url)
+                return
+            if not _unreachable(self._engine, error):
+                logger.error(
+                    "tokenledger reached its database but cannot use it: %s; rows stay in "
+                    "the spool until this is fixed",
+                    error,
+                )
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    def _read_budgets(self) -> None:
+        try:
+            self._budgets.store.definitions(fresh=True)
+        except LedgerError as exc:
+            logger.warning("tokenledger could not read its budgets yet: %s", exc)
 
     # -- where the data goes ------------------------------------------------------------
     @property
@@ -446,6 +550,38 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"<Ledger {self.url}>"
+
+
+def _unreachable(engine: sqlalchemy.Engine, error: BaseException) -> bool:
+    """Whether ``error`` says the database server could not be reached (start degraded),
+    rather than that it answered with a refusal (a wrong database name, password or
+    schema revision: a mistake that waiting will not fix, raised at once).
+
+    A PostgreSQL server that answers gives a SQLSTATE, or a "FATAL:" message while
+    connecting; a refused, reset or timed-out connection has neither. A SQLite file
+    that cannot be opened is a local mistake.
+    """
+    if isinstance(error, SchemaVersionError) or not isinstance(error, LedgerError):
+        return False
+    if engine.dialect.name != "postgresql":
+        return False
+    cause = getattr(error.__cause__, "orig", None)
+    if getattr(cause, "sqlstate", None) is not None:
+        return False
+    # An error the server sent while the connection was being set up (no such
+    # database, a wrong password) comes as libpq's text with the server's "FATAL:".
+    return "FATAL:" not in str(cause)
+
+
+def _attempt(
+    work: Callable[[sqlalchemy.Engine], object], engine: sqlalchemy.Engine
+) -> BaseException | None:
+    """Run ``work(engine)``; the exception it raised, or None."""
+    try:
+        work(engine)
+    except BaseException as exc:
+        return exc
+    return None
 
 
 def _reported_cost(value: object) -> Decimal | None:
