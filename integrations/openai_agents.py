@@ -88,7 +88,7 @@ from tokenledger.exceptions import BudgetExceeded, LedgerError
 from tokenledger.records import TokenUsage
 from tokenledger.runs import Run, RunContext, current_run
 
-from ._sdk import OPENAI_COMPATIBLE_HOSTS, count_tokens
+from ._sdk import OPENAI_COMPATIBLE_HOSTS, count_tokens, is_wrapper, mark_wrapper
 
 if TYPE_CHECKING:
     from tokenledger.ledger import Ledger
@@ -162,8 +162,7 @@ def _wrap_run(original: Callable[..., Any]) -> Callable[..., Any]:
         async with context:
             return await original(self, starting_agent, input, **kwargs)
 
-    run._tokenledger_original = original  # type: ignore[attr-defined]
-    return run
+    return mark_wrapper(run, original)
 
 
 def _wrap_run_streamed(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,8 +187,7 @@ def _wrap_run_streamed(original: Callable[..., Any]) -> Callable[..., Any]:
             run.end(None)
         return result
 
-    run_streamed._tokenledger_original = original  # type: ignore[attr-defined]
-    return run_streamed
+    return mark_wrapper(run_streamed, original)
 
 
 def _end_streamed_run(run: Run, result: Any, task: asyncio.Future[Any]) -> None:
@@ -300,7 +298,7 @@ def _recorded_elsewhere(model: Any) -> bool:
             create = client.responses.create
     except Exception:
         return False
-    return hasattr(getattr(create, "__func__", create), "_tokenledger_original")
+    return is_wrapper(getattr(create, "__func__", create))
 
 
 def _provider_of(client: Any) -> str:
@@ -443,8 +441,7 @@ def _wrap_get_response(original: Callable[..., Any]) -> Callable[..., Any]:
         _finish(pending, arguments, usage=response.usage, output=response.output)
         return response
 
-    get_response._tokenledger_original = original  # type: ignore[attr-defined]
-    return get_response
+    return mark_wrapper(get_response, original)
 
 
 class _StreamWatch:
@@ -520,8 +517,7 @@ def _wrap_stream_response(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             await inner.aclose()
 
-    stream_response._tokenledger_original = original  # type: ignore[attr-defined]
-    return stream_response
+    return mark_wrapper(stream_response, original)
 
 
 def _abandon(pending: PendingCall, watch: _StreamWatch) -> None:
