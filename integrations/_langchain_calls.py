@@ -26,7 +26,7 @@ from tokenledger.records import TokenUsage
 from tokenledger.runs import Run, current_run
 
 from ._langgraph import innermost
-from ._sdk import count_tokens
+from ._sdk import count_tokens, succeed_or_estimate
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -143,16 +143,13 @@ class ModelCall:
             if isinstance(self._generation(response), ChatGenerationChunk):
                 self.pending.call.streamed = True
             model, finish_reasons = self._served(response)
-            usage = self._reported_usage(response)
-            if usage is not None:
-                self.pending.succeed(usage, model=model, finish_reasons=finish_reasons)
-            else:
-                self.pending.succeed(
-                    self._estimated_usage(response, model),
-                    model=model,
-                    finish_reasons=finish_reasons,
-                    estimated=True,
-                )
+            succeed_or_estimate(
+                self.pending,
+                self._reported_usage(response),
+                lambda: self._estimated_usage(response, model),
+                model=model,
+                finish_reasons=finish_reasons,
+            )
         except Exception:
             logger.exception("tokenledger could not record a LangChain model call")
 

@@ -66,6 +66,23 @@ def count_tokens(model: str, *, text: str | None = None, messages: Any = None) -
         return math.ceil(len(text) / 4)
 
 
+def succeed_or_estimate(
+    pending: PendingCall,
+    usage: Any,
+    estimate: Callable[[], Any],
+    *,
+    model: str | None,
+    finish_reasons: list[str] | None,
+) -> None:
+    """Finish ``pending`` as a success: priced from the provider's ``usage``, or, when
+    there is none (``None``), from ``estimate()`` and marked estimated. ``estimate`` is
+    called only then: counting tokens costs a tokenizer pass."""
+    if usage is not None:
+        pending.succeed(usage, model=model, finish_reasons=finish_reasons)
+    else:
+        pending.succeed(estimate(), model=model, finish_reasons=finish_reasons, estimated=True)
+
+
 # -- one SDK, one call ----------------------------------------------------------------------
 
 

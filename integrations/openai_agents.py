@@ -88,7 +88,13 @@ from tokenledger.exceptions import BudgetExceeded, LedgerError
 from tokenledger.records import TokenUsage
 from tokenledger.runs import Run, RunContext, current_run
 
-from ._sdk import OPENAI_COMPATIBLE_HOSTS, count_tokens, is_wrapper, mark_wrapper
+from ._sdk import (
+    OPENAI_COMPATIBLE_HOSTS,
+    count_tokens,
+    is_wrapper,
+    mark_wrapper,
+    succeed_or_estimate,
+)
 
 if TYPE_CHECKING:
     from tokenledger.ledger import Ledger
@@ -391,15 +397,14 @@ def _finish(
         has_tokens = usage is not None and bool(
             getattr(usage, "input_tokens", None) or getattr(usage, "output_tokens", None)
         )
-        if has_tokens:
-            pending.succeed(usage, model=model, finish_reasons=finish_reasons)
-        else:  # the provider reported no usage: count what was sent and received
-            pending.succeed(
-                _estimated(pending, arguments, output),
-                model=model,
-                finish_reasons=finish_reasons,
-                estimated=True,
-            )
+        # With no usage reported, what was sent and received is counted.
+        succeed_or_estimate(
+            pending,
+            usage if has_tokens else None,
+            lambda: _estimated(pending, arguments, output),
+            model=model,
+            finish_reasons=finish_reasons,
+        )
     except Exception:
         logger.exception("tokenledger could not record an OpenAI Agents SDK model request")
 
