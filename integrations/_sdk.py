@@ -6,7 +6,9 @@ made by the same generator (Stainless): the same resource classes, ``Stream`` an
 ``AsyncStream`` types and ``with_raw_response`` wrappers. Each describes its SDK with an
 `SDK` and reads its provider's responses and events in an `SDKCall` subclass; the rest
 is here, written once. The LangChain and OpenAI Agents integrations use the token
-counter (and the latter the OpenAI-compatible hosts) too.
+counter, `succeed_or_estimate` and the wrapper marker too (and the latter the
+OpenAI-compatible hosts); LangChain asks `sdk_patched` whether an SDK integration
+already records a chat model's client.
 """
 
 from __future__ import annotations
