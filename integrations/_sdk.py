@@ -6,7 +6,9 @@ made by the same generator (Stainless): the same resource classes, ``Stream`` an
 ``AsyncStream`` types and ``with_raw_response`` wrappers. Each describes its SDK with an
 `SDK` and reads its provider's responses and events in an `SDKCall` subclass; the rest
 is here, written once. The LangChain and OpenAI Agents integrations use the token
-counter (and the latter the OpenAI-compatible hosts) too.
+counter, `succeed_or_estimate` and the wrapper marker too (and the latter the
+OpenAI-compatible hosts); LangChain asks `sdk_patched` whether an SDK integration
+already records a chat model's client.
 """
 
 from __future__ import annotations
@@ -64,6 +66,23 @@ def count_tokens(model: str, *, text: str | None = None, messages: Any = None) -
         if text is None:
             text = json.dumps(messages, default=str)
         return math.ceil(len(text) / 4)
+
+
+def succeed_or_estimate(
+    pending: PendingCall,
+    usage: Any,
+    estimate: Callable[[], Any],
+    *,
+    model: str | None,
+    finish_reasons: list[str] | None,
+) -> None:
+    """Finish ``pending`` as a success: priced from the provider's ``usage``, or, when
+    there is none (``None``), from ``estimate()`` and marked estimated. ``estimate`` is
+    called only then: counting tokens costs a tokenizer pass."""
+    if usage is not None:
+        pending.succeed(usage, model=model, finish_reasons=finish_reasons)
+    else:
+        pending.succeed(estimate(), model=model, finish_reasons=finish_reasons, estimated=True)
 
 
 # -- one SDK, one call ----------------------------------------------------------------------
@@ -378,15 +397,41 @@ def wrap_create(
 # -- switching it on and off -----------------------------------------------------------
 
 
+# The attribute naming the function a tokenledger wrapper replaced. Only this module
+# reads or writes it: the integrations go through `mark_wrapper`, `unwrapped` and
+# `is_wrapper`, so the marker is one name in one place.
+_ORIGINAL: Final = "_tokenledger_original"
+
+
 def mark_wrapper(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable[..., Any]:
     """Mark ``wrapper`` as tokenledger's wrapper of ``original``, for `unwrapped`."""
-    wrapper._tokenledger_original = original  # type: ignore[attr-defined]
+    setattr(wrapper, _ORIGINAL, original)
     return wrapper
 
 
 def unwrapped(function: Any) -> Any:
     """The function tokenledger wrapped, or ``function`` itself."""
-    return getattr(function, "_tokenledger_original", function)
+    return getattr(function, _ORIGINAL, function)
+
+
+def is_wrapper(function: Any) -> bool:
+    """Whether ``function`` is a tokenledger wrapper (`mark_wrapper`)."""
+    return hasattr(function, _ORIGINAL)
+
+
+# Every `Patches` made, so that one integration can ask whether another patched an SDK's
+# classes (`sdk_patched`) without reaching into that integration's module.
+_all_patches: weakref.WeakSet[Patches] = weakref.WeakSet()
+
+
+def sdk_patched(package: str) -> bool:
+    """Whether an integration patched classes of the SDK ``package`` (``"openai"``):
+    then every client of that SDK is recorded (``instrument()`` with no argument)."""
+    return any(
+        cls.__module__.partition(".")[0] == package
+        for patches in list(_all_patches)
+        for cls, _name in list(patches.classes)
+    )
 
 
 class Patches:
@@ -401,6 +446,7 @@ class Patches:
         # (class, method name) -> (the original attribute, whether the class defined it itself)
         self.classes: dict[tuple[type, str], tuple[Any, bool]] = {}
         self.resources: weakref.WeakSet[Any] = weakref.WeakSet()
+        _all_patches.add(self)
 
     def patch(
         self,
@@ -443,6 +489,6 @@ class Patches:
             resources = list(self.resources)
         for resource in resources:
             for name, bound in list(vars(resource).items()):
-                if hasattr(getattr(bound, "__func__", None), "_tokenledger_original"):
+                if is_wrapper(getattr(bound, "__func__", None)):
                     del resource.__dict__[name]
             self.resources.discard(resource)

@@ -61,6 +61,7 @@ from ._sdk import (
     given_int,
     mark_wrapper,
     raw_types,
+    succeed_or_estimate,
     watch_stream,
     wrap_create,
 )
@@ -216,17 +217,14 @@ class _Call(SDKCall):
             if self.pending.done:
                 return
             counts = self.reported_usage()
-            if counts is not None and self.complete:
-                self.pending.succeed(
-                    counts, model=self.model, finish_reasons=self.finish_reasons or None
-                )
-            else:  # a stream that ended without its final usage
-                self.pending.succeed(
-                    self.partial_usage(),
-                    model=self.model,
-                    finish_reasons=self.finish_reasons or None,
-                    estimated=True,
-                )
+            # A stream that ended without its final usage is estimated.
+            succeed_or_estimate(
+                self.pending,
+                counts if self.complete else None,
+                self.partial_usage,
+                model=self.model,
+                finish_reasons=self.finish_reasons or None,
+            )
         except Exception:
             logger.exception("tokenledger could not record an Anthropic call")
 

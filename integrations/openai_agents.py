@@ -88,7 +88,13 @@ from tokenledger.exceptions import BudgetExceeded, LedgerError
 from tokenledger.records import TokenUsage
 from tokenledger.runs import Run, RunContext, current_run
 
-from ._sdk import OPENAI_COMPATIBLE_HOSTS, count_tokens
+from ._sdk import (
+    OPENAI_COMPATIBLE_HOSTS,
+    count_tokens,
+    is_wrapper,
+    mark_wrapper,
+    succeed_or_estimate,
+)
 
 if TYPE_CHECKING:
     from tokenledger.ledger import Ledger
@@ -162,8 +168,7 @@ def _wrap_run(original: Callable[..., Any]) -> Callable[..., Any]:
         async with context:
             return await original(self, starting_agent, input, **kwargs)
 
-    run._tokenledger_original = original  # type: ignore[attr-defined]
-    return run
+    return mark_wrapper(run, original)
 
 
 def _wrap_run_streamed(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,8 +193,7 @@ def _wrap_run_streamed(original: Callable[..., Any]) -> Callable[..., Any]:
             run.end(None)
         return result
 
-    run_streamed._tokenledger_original = original  # type: ignore[attr-defined]
-    return run_streamed
+    return mark_wrapper(run_streamed, original)
 
 
 def _end_streamed_run(run: Run, result: Any, task: asyncio.Future[Any]) -> None:
@@ -300,7 +304,7 @@ def _recorded_elsewhere(model: Any) -> bool:
             create = client.responses.create
     except Exception:
         return False
-    return hasattr(getattr(create, "__func__", create), "_tokenledger_original")
+    return is_wrapper(getattr(create, "__func__", create))
 
 
 def _provider_of(client: Any) -> str:
@@ -393,15 +397,14 @@ def _finish(
         has_tokens = usage is not None and bool(
             getattr(usage, "input_tokens", None) or getattr(usage, "output_tokens", None)
         )
-        if has_tokens:
-            pending.succeed(usage, model=model, finish_reasons=finish_reasons)
-        else:  # the provider reported no usage: count what was sent and received
-            pending.succeed(
-                _estimated(pending, arguments, output),
-                model=model,
-                finish_reasons=finish_reasons,
-                estimated=True,
-            )
+        # With no usage reported, what was sent and received is counted.
+        succeed_or_estimate(
+            pending,
+            usage if has_tokens else None,
+            lambda: _estimated(pending, arguments, output),
+            model=model,
+            finish_reasons=finish_reasons,
+        )
     except Exception:
         logger.exception("tokenledger could not record an OpenAI Agents SDK model request")
 
@@ -443,8 +446,7 @@ def _wrap_get_response(original: Callable[..., Any]) -> Callable[..., Any]:
         _finish(pending, arguments, usage=response.usage, output=response.output)
         return response
 
-    get_response._tokenledger_original = original  # type: ignore[attr-defined]
-    return get_response
+    return mark_wrapper(get_response, original)
 
 
 class _StreamWatch:
@@ -520,8 +522,7 @@ def _wrap_stream_response(original: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             await inner.aclose()
 
-    stream_response._tokenledger_original = original  # type: ignore[attr-defined]
-    return stream_response
+    return mark_wrapper(stream_response, original)
 
 
 def _abandon(pending: PendingCall, watch: _StreamWatch) -> None:
