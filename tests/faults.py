@@ -90,6 +90,7 @@ class PgProxy:
         self._connections: list[_Connection] = []
         self._threads: list[threading.Thread] = []
         self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
         self._closed = False
         self.port: int = self._listen(0)
         #: Connections accepted so far (in any mode).
@@ -162,14 +163,22 @@ class PgProxy:
         listener.listen(128)
         listener.settimeout(_POLL)
         self._listener = listener
-        self._spawn(self._accept, listener)
+        self._acceptor = self._spawn(self._accept, listener)
         return int(listener.getsockname()[1])
 
     def _stop_listening(self) -> None:
         listener, self._listener = self._listener, None
-        if listener is not None:
-            with contextlib.suppress(OSError):
-                listener.close()
+        if listener is None:
+            return
+        # shutdown() stops a listening socket at once on Linux (and wakes accept());
+        # close() alone waits until no thread is blocked in it.
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            listener.close()
+        thread = self._acceptor
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2)
 
     def _drop_connections(self, *, rst: bool) -> None:
         with self._lock:
@@ -177,12 +186,13 @@ class PgProxy:
         for connection in connections:
             connection.close(rst=rst)
 
-    def _spawn(self, target: object, *args: object) -> None:
+    def _spawn(self, target: object, *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, daemon=True)  # type: ignore[arg-type]
         with self._lock:
             self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
         thread.start()
+        return thread
 
     def _accept(self, listener: socket.socket) -> None:
         while self._listener is listener:
