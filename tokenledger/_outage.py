@@ -55,6 +55,7 @@ class OutageHandling:
     _waiting: list[FlushMarker]
     _failing_since: float | None
     _spool_failing: bool
+    _hang_logged: bool
 
     # The writer's methods this part calls.
     @property
@@ -209,6 +210,7 @@ class OutageHandling:
     def _succeeded(self, rows: int) -> None:
         self._stats.rows_written += rows
         self._stats.batches += 1
+        self._hang_logged = False
         if self._failing_since is not None:
             logger.warning(
                 "tokenledger writes to the ledger at %s resumed after %.1f s.",

@@ -8,14 +8,27 @@ filesystem or behind a file size limit. The expected value comes first.
 
 from __future__ import annotations
 
+import signal
 import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 from faults import PgProxy, pg_proxy
+
+from tokenledger import schema, storage
+from tokenledger.records import CallRecord, new_id, utcnow
+from tokenledger.writer import BatchWriter
 
 __all__ = ["pg_proxy"]  # a fixture, imported to be used
 
@@ -111,3 +124,190 @@ def test_closing_the_proxy_leaves_no_port_open(postgres_url: str) -> None:
         port = proxy.port
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def a_call() -> CallRecord:
+    return CallRecord(
+        id=new_id(),
+        run_id=None,
+        root_run_id=None,
+        operation="chat",
+        provider="openai",
+        requested_model="gpt-4o-mini",
+        model="gpt-4o-mini",
+        started_at=utcnow(),
+        ended_at=utcnow(),
+        input_tokens=1200,
+        output_tokens=300,
+        cost_usd=Decimal("0.000285"),
+        cost_source="local",
+    )
+
+
+def call_ids(engine: sa.Engine) -> set[str]:
+    with engine.connect() as connection:
+        return set(connection.execute(sa.select(storage.calls.c.id)).scalars())
+
+
+def spool_files(directory: Path) -> list[str]:
+    if not directory.exists():
+        return []
+    return sorted(name for name in directory.iterdir() if name.name.endswith(".jsonl"))
+
+
+@pytest.fixture
+def make_writer(tmp_path: Path) -> Iterator[Callable[..., BatchWriter]]:
+    """Make writers (spool in the test's ``tmp_path``); each is closed after the test."""
+    writers: list[BatchWriter] = []
+
+    def make(engine: sa.Engine, **options: Any) -> BatchWriter:
+        options.setdefault("spool_dir", tmp_path / "spool")
+        writer = BatchWriter(engine, **options)
+        writers.append(writer)
+        return writer
+
+    yield make
+    for writer in writers:
+        writer.close(timeout=1)
+
+
+# -- 1. a write that hangs ------------------------------------------------------------------
+
+# Puts one call and waits for it (the writer holds a live connection), says "ready",
+# waits for "go" (the database hangs meanwhile), puts N calls, prints their ids and
+# waits to be killed.
+HUNG_WORKER = textwrap.dedent(
+    """
+    import sys, time
+    from decimal import Decimal
+    from tokenledger import storage
+    from tokenledger.records import CallRecord, new_id, utcnow
+    from tokenledger.writer import BatchWriter
+    url, spool_dir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    writer = BatchWriter(storage.create_engine_for(url), max_delay=0.2, spool_dir=spool_dir)
+    def a_call():
+        return CallRecord(id=new_id(), run_id=None, root_run_id=None, operation="chat",
+            provider="openai", requested_model="gpt-4o-mini", model="gpt-4o-mini",
+            started_at=utcnow(), input_tokens=100, output_tokens=20,
+            cost_usd=Decimal("0.0001"))
+    writer.put_call(a_call())
+    assert writer.flush(10)
+    print("ready", getattr(writer, "hang_after", 1.0), flush=True)
+    sys.stdin.readline()
+    ids = []
+    for _ in range(n):
+        call = a_call()
+        writer.put_call(call)
+        ids.append(call.id)
+        time.sleep(0.002)
+    print(" ".join(ids), flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+@pytest.mark.parametrize("fault", ["postgres-stalled", "sqlite-locked"])
+def test_rows_waiting_on_a_hung_write_reach_the_spool_and_survive_a_sigkill(
+    fault: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    make_writer: Callable[..., BatchWriter],
+) -> None:
+    """Issue: "kill -9 ten seconds into a stalled database lost all 437 calls made since
+    the stall". The writer's write hangs (PostgreSQL behind a proxy that forwards
+    nothing; SQLite locked by another connection); 437 calls are put; past the hang
+    bound the process is SIGKILLed. A new writer on the same ledger writes all 437."""
+    n = 437
+    spool_dir = tmp_path / "spool"
+    lock: sqlite3.Connection | None = None
+    proxy: PgProxy | None = None
+    if fault == "postgres-stalled":
+        proxy = request.getfixturevalue("pg_proxy")
+        url = proxy.url(request.getfixturevalue("postgres_url"))
+    else:
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    engine = storage.create_engine_for(url)
+    schema.upgrade(engine)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", HUNG_WORKER, url, str(spool_dir), str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert worker.stdin is not None
+    assert worker.stdout is not None
+    try:
+        ready, hang_after = worker.stdout.readline().split()
+        assert "ready" == ready
+        if proxy is not None:
+            proxy.stall()
+        else:
+            lock = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # every other writer waits for it
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+        put = worker.stdout.readline().split()
+        # The documented bound: hang_after, plus one watchdog tick, plus max_delay.
+        time.sleep(float(hang_after) + 0.1 + 0.2 + 1.0)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+    if lock is not None:
+        lock.rollback()
+        lock.close()
+    if proxy is not None:
+        proxy.pass_through()
+
+    replayer = make_writer(storage.create_engine_for(url), spool_dir=spool_dir)
+    assert replayer.flush(timeout=30)
+    stored = call_ids(engine)
+    engine.dispose()
+    print(
+        f"\n{fault}: {len(put)} calls put during the hang, "
+        f"{len(set(put) & stored)} in the ledger after a SIGKILL, "
+        f"{replayer.stats.replayed} replayed from the spool"
+    )
+    assert n == len(put)
+    assert set() == set(put) - stored
+
+
+def test_a_write_to_a_stalled_server_fails_within_its_timeouts_and_resumes(
+    postgres_url: str,
+    pg_proxy: PgProxy,
+    make_writer: Callable[..., BatchWriter],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hang becomes an error the outage path handles: the stalled statement is cut
+    after WRITE_TIMEOUT + the grace, a new connection gives up after CONNECT_TIMEOUT.
+    Once the server answers again everything put is written. (The timeouts are made
+    short here; they are 30 + 5 s and 10 s by default.)"""
+    from tokenledger import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "WRITE_TIMEOUT", 1.0)
+    monkeypatch.setattr(writer_module, "_ABORT_GRACE", 0.5)
+    monkeypatch.setattr(writer_module, "CONNECT_TIMEOUT", 1.0)
+    url = pg_proxy.url(postgres_url)
+    engine = storage.create_engine_for(url)
+    schema.upgrade(engine)
+    writer = make_writer(engine, max_delay=0.1)
+    writer.put_call(a_call())
+    assert writer.flush(timeout=10)
+
+    pg_proxy.stall()
+    calls = [a_call() for _ in range(50)]
+    for call in calls:
+        writer.put_call(call)
+    deadline = time.monotonic() + 10
+    while writer.stats.failures < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    failures, hung = writer.stats.failures, writer.stats.hung_writes
+    pg_proxy.pass_through()
+
+    assert failures >= 2  # the stalled statement, then a connection that timed out
+    assert hung >= 1
+    assert writer.flush(timeout=30)
+    assert {call.id for call in calls} <= call_ids(engine)
+    engine.dispose()
