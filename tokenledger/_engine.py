@@ -265,7 +265,18 @@ class WriterEngine:
 
     def __init__(self, url: URL, *, connect_timeout: float, statement_timeout: float) -> None:
         self._raw: dict[int, Any] = {}
+        # SQLite: the (device, inode) of the file each open connection writes to.
+        self._files: dict[int, tuple[int, int]] = {}
         self.dialect_name = url.get_backend_name()
+        database = url.database or ""
+        #: The SQLite ledger's file (None: a server, or a ``file:`` URI).
+        self.sqlite_path: str | None = (
+            database
+            if self.dialect_name == "sqlite"
+            and database
+            and not (url.query.get("uri") in ("true", "1") or database.startswith("file:"))
+            else None
+        )
         if self.dialect_name == "postgresql":
             connect_args: dict[str, Any] = {
                 "connect_timeout": max(1, round(connect_timeout)),
@@ -300,12 +311,38 @@ class WriterEngine:
 
     def _connected(self, dbapi_connection: Any, _record: Any) -> None:
         self._raw[id(dbapi_connection)] = dbapi_connection
+        if self.sqlite_path is not None:
+            try:
+                found = os.stat(self.sqlite_path)
+            except OSError:
+                return
+            self._files[id(dbapi_connection)] = (found.st_dev, found.st_ino)
 
     def _closed(self, dbapi_connection: Any, _record: Any) -> None:
         self._raw.pop(id(dbapi_connection), None)
+        self._files.pop(id(dbapi_connection), None)
 
     def _closed_detached(self, dbapi_connection: Any) -> None:
-        self._raw.pop(id(dbapi_connection), None)
+        self._closed(dbapi_connection, None)
+
+    def file_replaced(self) -> bool:
+        """SQLite: whether the ledger's path no longer names the file some open
+        connection writes to (it was deleted, or replaced by another file). Rows
+        committed through such a connection go to a file no one can open again.
+
+        One ``stat(2)``: cheap enough to call after every committed batch.
+        """
+        path, files = self.sqlite_path, self._files
+        if path is None or not files:
+            return False
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell (permissions): the next write says what is wrong
+        now = (found.st_dev, found.st_ino)
+        return any(opened != now for opened in list(files.values()))
 
     def abort(self) -> int:
         """Make whatever this engine's connections wait for fail now; returns how many
@@ -333,3 +370,4 @@ class WriterEngine:
         self.engine.dispose(close=close)
         if not close:
             self._raw.clear()
+            self._files.clear()

@@ -136,6 +136,9 @@ class WriterStats:
     #: Write attempts that did not return within the hang bound (see
     #: `BatchWriter.hang_after`); the rows in memory were moved to the spool meanwhile.
     hung_writes: int = 0
+    #: Times the SQLite ledger file was found deleted or replaced while in use, and a
+    #: new one was created (migrated) at its path; see docs/reliability.md.
+    ledger_recreated: int = 0
 
 
 _Record = TypeVar("_Record", CallRecord, RunRecord, PriceRecord)
@@ -548,6 +551,11 @@ class BatchWriter(OutageHandling):
         self._busy_since = time.monotonic()
         try:
             written, refused = self._writes.write(batch, copy=batch.fresh and self._copy_calls_ok)
+            if self._db.file_replaced():
+                # The batch may have gone into a deleted file: make a new ledger file
+                # and write it again there (a row already there is ignored).
+                self._recreate_ledger_file()
+                written, refused = self._writes.write(batch, copy=False)
         except Outage as outage:
             self._failed(outage.cause)
             return False
@@ -568,6 +576,30 @@ class BatchWriter(OutageHandling):
             table,
             row.get("id"),
             error,
+        )
+
+    def _recreate_ledger_file(self) -> None:
+        """The SQLite ledger file was deleted (or replaced) under the writer: let go of
+        the old file and write to a new one, migrated to head, at the same path.
+
+        Raises `Outage` when that fails (the directory is gone, say): the rows are kept
+        and spooled, and retried, as in any outage.
+        """
+        from tokenledger import schema  # loads Alembic: only in this rare case
+
+        path = self._db.sqlite_path
+        self._db.dispose()
+        self._engine.dispose()  # the ledger's reads must see the new file too
+        try:
+            schema.ensure_schema(self._db.engine)
+        except Exception as exc:
+            raise Outage(exc) from exc
+        self._stats.ledger_recreated += 1
+        logger.error(
+            "tokenledger's ledger file %s was deleted or replaced while in use. A new "
+            "ledger was created at that path and rows are written there from now on; "
+            "the rows the old file held are gone with it.",
+            path,
         )
 
     # -- the watchdog: a write that hangs ----------------------------------------------

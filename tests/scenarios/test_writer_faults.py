@@ -311,3 +311,50 @@ def test_a_write_to_a_stalled_server_fails_within_its_timeouts_and_resumes(
     assert writer.flush(timeout=30)
     assert {call.id for call in calls} <= call_ids(engine)
     engine.dispose()
+
+
+# -- 2. the SQLite ledger file is deleted ----------------------------------------------------
+
+
+@pytest.mark.parametrize("deleted", ["ledger.db", "ledger.db*"])
+def test_a_deleted_sqlite_ledger_is_recreated_and_said_once(
+    deleted: str,
+    tmp_path: Path,
+    make_writer: Callable[..., BatchWriter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue: "3,223 calls returned, 0 in the ledger, writer stats say success". The
+    file is really deleted (``rm ledger.db``, or with its -wal and -shm) while the writer
+    holds it open; every call put afterwards is in the new ledger at the same path."""
+    path = tmp_path / "ledger.db"
+    url = f"sqlite:///{path}"
+    engine = storage.create_engine_for(url)
+    schema.upgrade(engine)
+    writer = make_writer(engine, max_delay=0.05)
+    before = [a_call() for _ in range(10)]
+    for call in before:
+        writer.put_call(call)
+    assert writer.flush(timeout=10)
+
+    for name in tmp_path.glob(deleted):
+        name.unlink()
+    after = [a_call() for _ in range(3223)]
+    with caplog.at_level("ERROR", logger="tokenledger.writer"):
+        for call in after:
+            writer.put_call(call)
+        assert writer.flush(timeout=30)
+    reader = storage.create_engine_for(url)
+    stored = call_ids(reader) if path.exists() else set()
+    reader.dispose()
+    engine.dispose()
+    said = [r for r in caplog.records if "was deleted or replaced" in r.getMessage()]
+    print(
+        f"\nrm {deleted}: {len(after)} calls put after it, {len(stored & {c.id for c in after})}"
+        f" in the ledger, {len(said)} error logged, "
+        f"ledger_recreated={getattr(writer.stats, 'ledger_recreated', None)}"
+    )
+
+    assert {call.id for call in after} == stored
+    assert 1 == writer.stats.ledger_recreated
+    assert 1 == len(said)
+    assert 0o600 == path.stat().st_mode & 0o777
