@@ -139,6 +139,9 @@ class WriterStats:
     #: Times the SQLite ledger file was found deleted or replaced while in use, and a
     #: new one was created (migrated) at its path; see docs/reliability.md.
     ledger_recreated: int = 0
+    #: Rows lost: still in memory when the interpreter exited, neither written nor
+    #: spooled (the spool could not be written either). Logged once, with the count.
+    lost: int = 0
 
 
 _Record = TypeVar("_Record", CallRecord, RunRecord, PriceRecord)
@@ -352,7 +355,9 @@ class BatchWriter(OutageHandling):
     def memory_rows(self) -> int:
         """Rows held in memory (queue, batch being retried, batch being written)."""
         batches = [b for b in (self._pending, self._inflight) if b is not None]
-        return len(self._queue) + sum(len(b) for b in dict.fromkeys(batches))
+        queued = list(self._queue)  # one C call: atomic with respect to other threads' puts
+        waiting = sum(1 for item in queued if not isinstance(item, FlushMarker))
+        return waiting + sum(len(b) for b in dict.fromkeys(batches))
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Block until every row put before this call is committed.
@@ -670,13 +675,16 @@ def _flush_at_exit() -> None:
         # ledger. The process is ending: the kernel drops its spool locks.
         writer._spill_memory(include_inflight=True)
         left = writer.spool.rows
+        lost = writer.memory_rows  # neither written nor spooled: gone with the process
+        writer._stats.lost += lost
         logger.error(
             "tokenledger exits with %d row(s) not written to %s; %d of them are in the "
-            "spool at %s and will be written by the next writer on this ledger.",
-            writer.memory_rows + left,
+            "spool at %s and will be written by the next writer on this ledger.%s",
+            lost + left,
             writer._url,
             left,
             writer.spool.directory,
+            f" {lost} row(s) are LOST: the spool could not be written either." if lost else "",
         )
 
 

@@ -8,6 +8,7 @@ filesystem or behind a file size limit. The expected value comes first.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sqlite3
@@ -358,3 +359,119 @@ def test_a_deleted_sqlite_ledger_is_recreated_and_said_once(
     assert 1 == writer.stats.ledger_recreated
     assert 1 == len(said)
     assert 0o600 == path.stat().st_mode & 0o777
+
+
+# -- 3. the spool cannot be written ----------------------------------------------------------
+
+# The database is down all along (no tables yet). Puts N calls, prints their ids, waits
+# until every row left memory or 3 s passed, and exits normally (the exit flush given
+# 1 s): whatever could not be spooled is lost, and must be said.
+FULL_SPOOL_WORKER = textwrap.dedent(
+    """
+    import resource, signal, sys, time
+    from tokenledger import storage, writer as writer_module
+    from tokenledger.records import CallRecord, new_id, utcnow
+    from tokenledger.writer import BatchWriter
+    fault, url, spool_dir, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    writer_module.EXIT_FLUSH_TIMEOUT = 1.0
+    writer = BatchWriter(storage.create_engine_for(url), max_delay=0.05, spool_dir=spool_dir)
+    if fault == "file-size-limit":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+    ids = []
+    for _ in range(n):
+        call = CallRecord(id=new_id(), run_id=None, root_run_id=None, operation="chat",
+            provider="openai", requested_model="gpt-4o-mini", model="gpt-4o-mini",
+            started_at=utcnow(), input_tokens=100, output_tokens=20)
+        writer.put_call(call)
+        ids.append(call.id)
+    print(" ".join(ids), flush=True)
+    deadline = time.monotonic() + 3
+    while writer.memory_rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(writer.stats.spool_errors, flush=True)
+    """
+)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: a disk that fills up for real (needs root)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def spooled_call_ids(directory: Path) -> list[str]:
+    """The call id of every complete row line in every segment (repeats included)."""
+    ids = []
+    for path in directory.rglob("*.jsonl"):
+        for line in path.read_bytes().splitlines(keepends=True)[1:]:
+            if line.endswith(b"\n"):
+                ids.append(json.loads(line)["r"]["id"])
+    return ids
+
+
+@pytest.mark.parametrize("fault", ["disk-full", "file-size-limit"])
+def test_a_failing_spool_never_spools_a_row_twice_and_says_what_is_lost(
+    fault: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """Issue: "a failed spill writes a new spool segment with the same rows each time
+    (18 copies of 265 calls) and the rest is lost at exit". The database is down; the
+    spool sits on a 64 KiB tmpfs that fills up, or every file is limited to 16 KiB
+    (RLIMIT_FSIZE). No row is in the spool twice; the rows that fit are written once
+    the database is back; the rest are counted in one error at exit."""
+    n = 600
+    spool_dir = (
+        request.getfixturevalue("tiny_tmpfs") if fault == "disk-full" else tmp_path / "spool"
+    )
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    worker = subprocess.run(
+        [sys.executable, "-c", FULL_SPOOL_WORKER, fault, url, str(spool_dir), str(n)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 0 == worker.returncode, worker.stderr
+    put = worker.stdout.split("\n")[0].split()
+    spooled = spooled_call_ids(spool_dir)
+    said = [line for line in worker.stderr.splitlines() if "LOST" in line]
+    lost = int(said[0].split(" row(s) are LOST")[0].rsplit(" ", 1)[1]) if said else 0
+
+    engine = storage.create_engine_for(url)
+    schema.upgrade(engine)
+    replayer = BatchWriter(engine, spool_dir=spool_dir)
+    try:
+        assert replayer.flush(timeout=30)
+    finally:
+        replayer.close(timeout=5)
+    stored = call_ids(engine)
+    engine.dispose()
+    copies = len(spooled) - len(set(spooled))
+    print(
+        f"\n{fault}: {n} calls put, {len(spooled)} rows in the spool ({copies} copies), "
+        f"{len(stored)} in the ledger after replay, {lost} said lost in "
+        f"{len(said)} log line(s)"
+    )
+
+    assert n == len(put)
+    assert 0 == copies
+    assert set(spooled) == stored
+    assert n == len(stored) + lost
+    if lost:
+        assert 1 == len(said)
+    if fault == "disk-full":
+        assert lost > 0  # 64 KiB cannot hold 600 rows: the test must exercise a loss
+    else:
+        assert 0 == lost  # each new segment takes the rows the last one could not
