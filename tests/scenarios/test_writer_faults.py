@@ -9,6 +9,7 @@ filesystem or behind a file size limit. The expected value comes first.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sqlite3
@@ -475,3 +476,87 @@ def test_a_failing_spool_never_spools_a_row_twice_and_says_what_is_lost(
         assert lost > 0  # 64 KiB cannot hold 600 rows: the test must exercise a loss
     else:
         assert 0 == lost  # each new segment takes the rows the last one could not
+
+
+# -- 4. a spool someone else could have written ------------------------------------------
+
+
+def plant_segment(engine: sa.Engine, spool_dir: Path) -> tuple[Path, str]:
+    """A genuine orphaned segment of the ledger holding one $999,999.99 call, as a dead
+    process would leave it; returns its path and the call's id."""
+    from tokenledger.spool import Spool, ledger_key, spool_directory
+
+    spool = Spool(spool_directory(engine.url, spool_dir), ledger_key(engine.url), durable=True)
+    call = a_call()
+    call.cost_usd = Decimal("999999.99")
+    spool.append("calls", call.as_row())
+    spool.release()
+    (path,) = spool.directory.glob("*.jsonl")
+    return path, call.id
+
+
+@pytest.mark.parametrize("planted", ["directory-0777", "file-of-another-user", "file-0666"])
+def test_a_spool_someone_else_could_have_written_is_never_replayed(
+    planted: str,
+    tmp_path: Path,
+    make_writer: Callable[..., BatchWriter],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue: "a spool directory created by another user (or world-writable) is trusted,
+    and a planted $999,999.99 call was replayed into the ledger"."""
+    engine = storage.create_engine_for(f"sqlite:///{tmp_path / 'ledger.db'}")
+    schema.upgrade(engine)
+    spool_dir = tmp_path / "spool"
+    segment, planted_id = plant_segment(engine, spool_dir)
+    if planted == "directory-0777":
+        segment.parent.chmod(0o777)
+    elif planted == "file-of-another-user":
+        os.chown(segment, 12345, -1)
+    else:
+        segment.chmod(0o666)
+
+    with caplog.at_level("ERROR", logger="tokenledger.writer"):
+        writer = make_writer(engine, max_delay=0.05, spool_dir=spool_dir)
+        honest = a_call()
+        writer.put_call(honest)
+        assert writer.flush(timeout=10)
+        writer.spool.claim_orphans()  # the periodic scan: still not replayed, not said again
+        assert writer.flush(timeout=10)
+    stored = call_ids(engine)
+    engine.dispose()
+    said = [r for r in caplog.records if "does not trust spool" in r.getMessage()]
+    print(
+        f"\n{planted}: planted call replayed: {planted_id in stored}, "
+        f"{len(said)} error logged, honest call stored: {honest.id in stored}"
+    )
+
+    assert honest.id in stored
+    assert planted_id not in stored
+    assert segment.exists()  # left alone for whoever investigates
+    assert 1 == len(said)
+
+
+def test_spool_directories_are_created_0700_whatever_the_umask(
+    tmp_path: Path, make_writer: Callable[..., BatchWriter]
+) -> None:
+    engine = storage.create_engine_for(f"sqlite:///{tmp_path / 'ledger.db'}")
+    schema.upgrade(engine)
+    base = tmp_path / "a" / "b"
+    old = os.umask(0)
+    try:
+        writer = make_writer(engine, durability="durable", max_delay=60, spool_dir=base)
+        writer.put_call(a_call())
+    finally:
+        os.umask(old)
+    directory = writer.spool.directory
+    modes = {
+        str(path.relative_to(tmp_path)): oct(path.stat().st_mode & 0o777)
+        for path in (tmp_path / "a", base, directory, *directory.glob("*.jsonl"))
+    }
+    engine.dispose()
+    print(f"\numask 0: {modes}")
+
+    assert {"a": "0o700", "a/b": "0o700", f"a/b/{directory.name}": "0o700"} == {
+        name: mode for name, mode in modes.items() if not name.endswith(".jsonl")
+    }
+    assert {"0o600"} == {mode for name, mode in modes.items() if name.endswith(".jsonl")}
