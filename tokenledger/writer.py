@@ -23,6 +23,12 @@ Faults (see docs/reliability.md for what is guaranteed and the tests that prove 
   local spool (`tokenledger.spool`), so a long outage costs disk, not memory, and a
   crash during it loses little. Once the database is back the spool is replayed and
   removed.
+* **The database hangs** (answers nothing). The writer's own engine has bounded waits
+  (connect and statement timeouts), and a watchdog thread moves the rows in memory to
+  the spool once a write has not returned for `BatchWriter.hang_after` seconds, then
+  shuts the hung connection down after `WRITE_TIMEOUT` + 5 s.
+* **The SQLite file is deleted** under the writer: found after the next batch (one
+  ``stat``), a new ledger is migrated at the path and the batch written again there.
 * **Memory is full.** At most ``max_buffer_rows`` rows wait in memory; a put beyond
   that appends its row to the spool instead.
 * **The process dies.** With ``durability="batched"`` the rows still in memory are lost:
