@@ -246,6 +246,15 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+def _libpq_version() -> int:
+    try:
+        import psycopg
+
+        return int(psycopg.pq.version())
+    except Exception:  # no psycopg: create_engine fails with its own clear message
+        return 0
+
+
 class WriterEngine:
     """The batch writer's own engine on a ledger, with bounded waits, and a way to abort
     what it is waiting for from another thread.
@@ -294,7 +303,8 @@ class WriterEngine:
                 )
                 if part
             )
-            connect_args["tcp_user_timeout"] = millis
+            if _libpq_version() >= 120000:  # an older libpq refuses the option
+                connect_args["tcp_user_timeout"] = millis
             self.engine = sa.create_engine(
                 url,
                 pool_pre_ping=True,

@@ -560,3 +560,28 @@ def test_spool_directories_are_created_0700_whatever_the_umask(
         name: mode for name, mode in modes.items() if not name.endswith(".jsonl")
     }
     assert {"0o600"} == {mode for name, mode in modes.items() if name.endswith(".jsonl")}
+
+
+def test_rows_are_never_spooled_into_a_directory_someone_else_can_write(
+    tmp_path: Path, make_writer: Callable[..., BatchWriter]
+) -> None:
+    """The database is down (no tables) and memory is full: rows would be spooled, but
+    the spool directory is world-writable. They stay in memory and are all written
+    once the database is back; the directory gets no new file."""
+    engine = storage.create_engine_for(f"sqlite:///{tmp_path / 'ledger.db'}")
+    spool_dir = tmp_path / "spool"
+    segment, _ = plant_segment(engine, spool_dir)
+    segment.parent.chmod(0o777)
+    writer = make_writer(engine, max_delay=0.05, max_buffer_rows=5, spool_dir=spool_dir)
+    calls = [a_call() for _ in range(50)]
+    for call in calls:
+        writer.put_call(call)
+    assert not writer.flush(timeout=0.5)
+    files = sorted(p.name for p in segment.parent.iterdir())
+    schema.upgrade(engine)
+    assert writer.flush(timeout=15)
+    stored = call_ids(engine)
+    engine.dispose()
+
+    assert [segment.name] == files
+    assert {call.id for call in calls} <= stored
