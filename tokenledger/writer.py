@@ -423,11 +423,16 @@ class BatchWriter(OutageHandling):
             logger.error(
                 "tokenledger closed its writer to %s with %d row(s) not written; %d of "
                 "them are in the spool at %s and will be written by the next writer on "
-                "this ledger.",
+                "this ledger.%s",
                 self._url,
                 self.memory_rows + left,
                 left,
                 self.spool.directory,
+                f" {self.memory_rows} row(s) could not be spooled and are held only in "
+                "this writer's memory: they are lost unless it is used again before the "
+                "process ends."
+                if self.memory_rows
+                else "",
             )
         return flushed
 
@@ -607,9 +612,10 @@ class BatchWriter(OutageHandling):
             raise Outage(exc) from exc
         self._stats.ledger_recreated += 1
         logger.error(
-            "tokenledger's ledger file %s was deleted or replaced while in use. A new "
-            "ledger was created at that path and rows are written there from now on; "
-            "the rows the old file held are gone with it.",
+            "tokenledger's ledger file %s was deleted or replaced while in use. Rows are "
+            "written to the file now at that path from now on (a new ledger, migrated, if "
+            "it was deleted), the last batch again; the rows only the old file held are "
+            "gone with it.",
             path,
         )
 
