@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
 import sqlite3
 import time
 from typing import Any
@@ -27,6 +28,7 @@ from tokenledger.exceptions import ConfigurationError, LedgerError
 
 __all__ = [
     "SECRET_QUERY_KEYS",
+    "WriterEngine",
     "check_dialect",
     "create_engine_for",
     "database_path",
@@ -242,3 +244,140 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             cursor.execute(pragma)
     finally:
         cursor.close()
+
+
+def _libpq_version() -> int:
+    try:
+        import psycopg
+
+        return int(psycopg.pq.version())
+    except Exception:  # no psycopg: create_engine fails with its own clear message
+        return 0
+
+
+class WriterEngine:
+    """The batch writer's own engine on a ledger, with bounded waits, and a way to abort
+    what it is waiting for from another thread.
+
+    The writer does not share the ledger's engine: its connections carry timeouts the
+    ledger's reads must not have. PostgreSQL: ``connect_timeout`` (psycopg enforces it
+    itself, so a server that accepts the TCP connection and then says nothing is
+    covered), and ``statement_timeout`` and ``tcp_user_timeout`` set in the startup
+    packet (no extra round trip). SQLite: the busy timeout of every ledger connection.
+
+    A server that hangs mid-statement (or a network path that swallows packets while
+    the kernel keeps acknowledging them) never answers, and no server-side timeout can
+    help: `abort` shuts down the socket of every connection of this engine (PostgreSQL)
+    or interrupts its statement (SQLite), so the write raises and the writer's outage
+    path takes over.
+    """
+
+    def __init__(self, url: URL, *, connect_timeout: float, statement_timeout: float) -> None:
+        self._raw: dict[int, Any] = {}
+        # SQLite: the (device, inode) of the file each open connection writes to.
+        self._files: dict[int, tuple[int, int]] = {}
+        self.dialect_name = url.get_backend_name()
+        database = url.database or ""
+        #: The SQLite ledger's file (None: a server, or a ``file:`` URI).
+        self.sqlite_path: str | None = (
+            database
+            if self.dialect_name == "sqlite"
+            and database
+            and not (url.query.get("uri") in ("true", "1") or database.startswith("file:"))
+            else None
+        )
+        if self.dialect_name == "postgresql":
+            connect_args: dict[str, Any] = {
+                "connect_timeout": max(1, round(connect_timeout)),
+            }
+            given = url.query.get("connect_timeout")
+            if isinstance(given, str) and given.isdigit() and 0 < int(given) < connect_timeout:
+                connect_args["connect_timeout"] = int(given)
+            options = url.query.get("options")
+            millis = max(1, round(statement_timeout * 1000))
+            connect_args["options"] = " ".join(
+                part
+                for part in (
+                    options if isinstance(options, str) else "",
+                    f"-c statement_timeout={millis}",
+                )
+                if part
+            )
+            if _libpq_version() >= 120000:  # an older libpq refuses the option
+                connect_args["tcp_user_timeout"] = millis
+            self.engine = sa.create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=1,
+                max_overflow=2,
+                pool_recycle=1800,
+                connect_args=connect_args,
+            )
+        else:
+            self.engine = create_engine_for(url)
+        event.listen(self.engine, "connect", self._connected)
+        event.listen(self.engine, "close", self._closed)
+        event.listen(self.engine, "close_detached", self._closed_detached)
+
+    def _connected(self, dbapi_connection: Any, _record: Any) -> None:
+        self._raw[id(dbapi_connection)] = dbapi_connection
+        if self.sqlite_path is not None:
+            try:
+                found = os.stat(self.sqlite_path)
+            except OSError:
+                return
+            self._files[id(dbapi_connection)] = (found.st_dev, found.st_ino)
+
+    def _closed(self, dbapi_connection: Any, _record: Any) -> None:
+        self._raw.pop(id(dbapi_connection), None)
+        self._files.pop(id(dbapi_connection), None)
+
+    def _closed_detached(self, dbapi_connection: Any) -> None:
+        self._closed(dbapi_connection, None)
+
+    def file_replaced(self) -> bool:
+        """SQLite: whether the ledger's path no longer names the file some open
+        connection writes to (it was deleted, or replaced by another file). Rows
+        committed through such a connection go to a file no one can open again.
+
+        One ``stat(2)``: cheap enough to call after every committed batch.
+        """
+        path, files = self.sqlite_path, self._files
+        if path is None or not files:
+            return False
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False  # cannot tell (permissions): the next write says what is wrong
+        now = (found.st_dev, found.st_ino)
+        return any(opened != now for opened in list(files.values()))
+
+    def abort(self) -> int:
+        """Make whatever this engine's connections wait for fail now; returns how many
+        connections were aborted. Safe to call from any thread."""
+        aborted = 0
+        for connection in list(self._raw.values()):
+            try:
+                if self.dialect_name == "postgresql":
+                    if connection.closed:
+                        continue
+                    fd = connection.pgconn.socket
+                    # shutdown(2) on a duplicate acts on the shared socket: a thread
+                    # blocked reading it wakes to end-of-file, and libpq reports the
+                    # connection lost. The descriptor itself stays the driver's.
+                    with socket.socket(fileno=os.dup(fd)) as sock:
+                        sock.shutdown(socket.SHUT_RDWR)
+                else:
+                    connection.interrupt()
+            except Exception:  # noqa: S112 - closed meanwhile: nothing to abort
+                continue
+            aborted += 1
+        return aborted
+
+    def dispose(self, *, close: bool = True) -> None:
+        self.engine.dispose(close=close)
+        if not close:
+            self._raw.clear()
+            self._files.clear()

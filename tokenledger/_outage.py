@@ -55,6 +55,7 @@ class OutageHandling:
     _waiting: list[FlushMarker]
     _failing_since: float | None
     _spool_failing: bool
+    _hang_logged: bool
 
     # The writer's methods this part calls.
     @property
@@ -141,15 +142,26 @@ class OutageHandling:
     def _spill_memory(self, *, include_inflight: bool) -> None:
         """Move every row held in memory to the spool (the database is down, or the
         writer is closing without having written them)."""
+        # A spill that fails part way (disk full, a file size limit) keeps in memory
+        # only the rows it did not append: a row is never spooled twice, so a spool
+        # that keeps failing cannot fill the disk with copies of the same rows.
+        spilled = 0
         with self._take_lock:
             batches = [self._pending]
             if include_inflight:
                 batches.append(self._inflight)
             for batch in dict.fromkeys(b for b in batches if b is not None):
-                if not self._spill_rows(batch.rows()):
-                    return  # the spool is unusable: they stay in memory
+                rows = list(batch.rows())
+                done = self._spill_rows(rows)
+                spilled += done
+                _drop_first(batch, done)
+                if done < len(rows):
+                    # The spool is unusable: the rest stay in memory, and the batch's
+                    # flushes also wait for the rows that did reach the spool.
+                    self._wait_for_spool(batch.markers)
+                    return
                 self._waiting.extend(batch.markers)
-                batch.prices, batch.runs, batch.calls, batch.markers = [], [], [], []
+                batch.markers = []
             if self._pending is not None and not len(self._pending):
                 self._pending = None
             queue = self._queue
@@ -159,35 +171,60 @@ class OutageHandling:
                     moved.append(queue.popleft())
                 except IndexError:
                     break
-            rows = [converted for item in moved if (converted := record_row(item)) is not None]
-            if not self._spill_rows(rows):
-                queue.extendleft(reversed(moved))  # kept in memory: order does not matter
+            records = [
+                (item, converted) for item in moved if (converted := record_row(item)) is not None
+            ]
+            done = self._spill_rows(converted for _, converted in records)
+            spilled += done
+            gone = {id(item) for item, _ in records[:done]}
+            kept = [item for item in moved if id(item) not in gone]
+            if done < len(records):
+                # Kept in memory (order does not matter), and so are the flushes among
+                # them, which now also wait for what reached the spool.
+                queue.extendleft(reversed(kept))
+                self._wait_for_spool([m for m in kept if isinstance(m, FlushMarker)])
                 return
-            for item in moved:
+            for item in kept:
                 if isinstance(item, FlushMarker):
                     self._waiting.append(item)
-                elif record_row(item) is None:
+                else:
                     queue.append(item)  # not a record: the thread rejects it
-            for marker in self._waiting:
-                marker.spool_seq = max(marker.spool_seq, self.spool.last_seq)
-        if rows:
+            self._wait_for_spool(self._waiting)
+        if spilled:
+            self._spool_failing = False
             logger.info(
                 "tokenledger moved %d row(s) to its spool at %s while the ledger at %s is "
                 "unreachable.",
-                len(rows),
+                spilled,
                 self.spool.directory,
                 self._url,
             )
 
-    def _spill_rows(self, rows: Iterable[tuple[str, Row]]) -> bool:
+    def _wait_for_spool(self, markers: Iterable[FlushMarker]) -> None:
+        """Make ``markers`` wait also for every segment written so far."""
+        last = self.spool.last_seq
+        for marker in markers:
+            marker.spool_seq = max(marker.spool_seq, last)
+
+    def _spill_rows(self, rows: Iterable[tuple[str, Row]]) -> int:
+        """Append ``rows`` to the spool; returns how many were appended: all of them, or
+        those before the first that failed (logged once)."""
         rows = list(rows)
-        for index, (table, row) in enumerate(rows):
+        index, failed_at = 0, -1
+        while index < len(rows):
             try:
-                self.spool.append(table, row)
+                self.spool.append(*rows[index])
             except Exception as exc:
-                self._spool_failed(exc, len(rows) - index)
-                return False
-        return True
+                # A write that fails seals its segment. After progress, try the row
+                # once more in a new segment (a per-file size limit); failing again on
+                # the same row, or a row that cannot be encoded, ends the spill.
+                if failed_at == index or not isinstance(exc, OSError):
+                    self._spool_failed(exc, len(rows) - index)
+                    return index
+                failed_at = index
+                continue
+            index += 1
+        return len(rows)
 
     def _failed(self, exc: BaseException) -> None:
         self._stats.failures += 1
@@ -209,6 +246,7 @@ class OutageHandling:
     def _succeeded(self, rows: int) -> None:
         self._stats.rows_written += rows
         self._stats.batches += 1
+        self._hang_logged = False
         if self._failing_since is not None:
             logger.warning(
                 "tokenledger writes to the ledger at %s resumed after %.1f s.",
@@ -216,3 +254,14 @@ class OutageHandling:
                 time.monotonic() - self._failing_since,
             )
             self._failing_since = None
+
+
+def _drop_first(batch: Batch, count: int) -> None:
+    """Remove the first ``count`` rows of ``batch``, in `Batch.rows` order (prices,
+    runs, calls). New lists: a write in progress keeps the ones it was given."""
+    for name in ("prices", "runs", "calls"):
+        rows = getattr(batch, name)
+        taken = min(count, len(rows))
+        if taken:
+            setattr(batch, name, rows[taken:])
+        count -= taken

@@ -53,6 +53,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -76,6 +77,7 @@ __all__ = [
     "Segment",
     "Spool",
     "SpoolRow",
+    "UntrustedSpool",
     "decode_line",
     "encode_row",
     "ledger_key",
@@ -268,6 +270,82 @@ def _fsync_directory(path: Path) -> None:
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
+# -- trust ---------------------------------------------------------------------------------
+class UntrustedSpool(PermissionError):
+    """A spool directory or file someone else could have written: not used.
+
+    .. versionadded:: 0.1.0
+    """
+
+
+_geteuid = getattr(os, "geteuid", None)  # POSIX; Windows has no owners or modes to check
+
+
+def _untrusted_directory(directory: Path) -> str | None:
+    """Why ``directory`` (which exists) must not be used as a spool, or None.
+
+    Like ssh's StrictModes: the directory itself must be a real directory (not a
+    symlink) owned by this user and writable by no one else; every directory above it
+    must be owned by this user or root and writable by no one else, unless it is
+    sticky (``/tmp``), where no one can remove or rename what another user made.
+    """
+    if _geteuid is None:  # pragma: no cover - Windows
+        return None
+    uid = _geteuid()
+    try:
+        found = os.lstat(directory)
+    except OSError as exc:
+        return f"it cannot be examined ({exc.strerror or exc})"
+    if not stat.S_ISDIR(found.st_mode):
+        return "it is not a directory (a symlink?)"
+    if found.st_uid != uid:
+        return f"it is owned by uid {found.st_uid}, not by this user (uid {uid})"
+    if found.st_mode & 0o022:
+        return f"it is writable by others (mode {stat.S_IMODE(found.st_mode):04o})"
+    for parent in directory.parents:
+        try:
+            above = os.stat(parent)
+        except OSError:
+            continue
+        if above.st_uid not in (0, uid):
+            return f"{parent} above it is owned by uid {above.st_uid}"
+        if above.st_mode & 0o022 and not above.st_mode & stat.S_ISVTX:
+            return (
+                f"{parent} above it is writable by others "
+                f"(mode {stat.S_IMODE(above.st_mode):04o}, not sticky)"
+            )
+    return None
+
+
+def _untrusted_file(found: os.stat_result) -> str | None:
+    """Why a spool file with this ``fstat`` must not be replayed, or None."""
+    if _geteuid is None:  # pragma: no cover - Windows
+        return None
+    uid = _geteuid()
+    if not stat.S_ISREG(found.st_mode):
+        return "it is not a regular file"
+    if found.st_uid != uid:
+        return f"it is owned by uid {found.st_uid}, not by this user (uid {uid})"
+    if found.st_mode & 0o022:
+        return f"it is writable by others (mode {stat.S_IMODE(found.st_mode):04o})"
+    return None
+
+
+def _make_directories(directory: Path) -> None:
+    """Create ``directory`` and any missing parent, each 0700 whatever the umask."""
+    missing: list[Path] = []
+    for path in (directory, *directory.parents):
+        if path.is_dir() or os.path.lexists(path):
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue  # made meanwhile by another process: checked like any other
+        os.chmod(path, 0o700)  # mkdir's mode is masked by the umask; this one is not
+
+
 class Spool:
     """The spool of one ledger, as seen by one `~tokenledger.writer.BatchWriter`.
 
@@ -288,6 +366,7 @@ class Spool:
         self.durable = durable
         self._lock = threading.Lock()  # the active segment, the lists and the counters
         self._sync_lock = threading.Lock()  # one fdatasync at a time: group commit
+        self._distrust_said: set[str] = set()  # what was logged as untrusted, once each
         self._reset()
 
     def _reset(self) -> None:
@@ -376,12 +455,45 @@ class Spool:
                 _datasync(segment.fd)
             self._synced = target
 
+    def _distrusted(self, path: Path, why: str, action: str) -> None:
+        """Log once per path and reason that ``path`` is not trusted."""
+        said = f"{path}\0{why}"
+        if said in self._distrust_said:
+            return
+        self._distrust_said.add(said)
+        logger.error(
+            "tokenledger does not trust spool %s: %s. %s Fix it with `chown $USER` and "
+            "`chmod 700` (directories) or `chmod 600` (files), or remove it.",
+            path,
+            why,
+            action,
+        )
+
+    def trusted(self) -> bool:
+        """Whether the spool directory exists and only this user can have written it
+        (logged once when not)."""
+        if not os.path.lexists(self.directory):
+            return False
+        why = _untrusted_directory(self.directory)
+        if why is not None:
+            self._distrusted(
+                self.directory,
+                why,
+                "Nothing in it is replayed and nothing is written to it; rows that "
+                "would be spooled are kept in memory.",
+            )
+            return False
+        return True
+
     def _open_segment(self) -> Segment:
         directory = self.directory
-        if not directory.is_dir():
-            directory.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                directory.mkdir(mode=0o700)
+        if not os.path.lexists(directory):
+            _make_directories(directory)
+        if not self.trusted():
+            raise UntrustedSpool(
+                f"spool directory {directory} is not trusted: "
+                f"{_untrusted_directory(directory) or 'it cannot be created'}"
+            )
         seq = self._next_seq
         name = f"{time.time_ns():x}-{os.getpid()}-{self._token}-{seq}"
         temporary = directory / f".{name}.tmp"
@@ -515,6 +627,8 @@ class Spool:
             names = sorted(os.listdir(self.directory))
         except OSError:
             return 0
+        if not self.trusted():
+            return 0
         with self._lock:
             known = {s.path.name for s in self._sealed}
             if self._active is not None:
@@ -536,6 +650,10 @@ class Spool:
             return None
         keep = False
         try:
+            why = _untrusted_file(os.fstat(fd))
+            if why is not None:
+                self._distrusted(path, why, "It is left alone and never replayed.")
+                return None
             if not _lock(fd):
                 return None  # its writer is alive
             try:

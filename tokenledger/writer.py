@@ -23,6 +23,12 @@ Faults (see docs/reliability.md for what is guaranteed and the tests that prove 
   local spool (`tokenledger.spool`), so a long outage costs disk, not memory, and a
   crash during it loses little. Once the database is back the spool is replayed and
   removed.
+* **The database hangs** (answers nothing). The writer's own engine has bounded waits
+  (connect and statement timeouts), and a watchdog thread moves the rows in memory to
+  the spool once a write has not returned for `BatchWriter.hang_after` seconds, then
+  shuts the hung connection down after `WRITE_TIMEOUT` + 5 s.
+* **The SQLite file is deleted** under the writer: found after the next batch (one
+  ``stat``), a new ledger is migrated at the path and the batch written again there.
 * **Memory is full.** At most ``max_buffer_rows`` rows wait in memory; a put beyond
   that appends its row to the spool instead.
 * **The process dies.** With ``durability="batched"`` the rows still in memory are lost:
@@ -54,16 +60,18 @@ import sqlalchemy as sa
 
 from tokenledger import spool as _spool
 from tokenledger._batch import Batch, FlushMarker, Row, call_values, record_row
-from tokenledger._engine import check_dialect
+from tokenledger._engine import WriterEngine, check_dialect
 from tokenledger._outage import OutageHandling
 from tokenledger._writes import LedgerWrites, Outage, RejectedRow
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.records import CallRecord, PriceRecord, RunRecord
 
 __all__ = [
+    "CONNECT_TIMEOUT",
     "DEFAULT_MAX_BUFFER_ROWS",
     "DURABILITY_MODES",
     "EXIT_FLUSH_TIMEOUT",
+    "WRITE_TIMEOUT",
     "BatchWriter",
     "Durability",
     "RejectedRow",
@@ -77,6 +85,22 @@ EXIT_FLUSH_TIMEOUT = 10.0
 
 #: Rows a writer keeps in memory before it spills new ones to the spool.
 DEFAULT_MAX_BUFFER_ROWS = 100_000
+
+#: Seconds the writer waits for a connection to the ledger (PostgreSQL) before the
+#: attempt counts as failed.
+CONNECT_TIMEOUT = 10.0
+#: Seconds one statement of the writer may run: PostgreSQL cancels it after this
+#: (``statement_timeout``), and a write that has still not returned
+#: `_ABORT_GRACE` seconds later has its connection shut down by the writer's watchdog
+#: (a server or network that hangs never answers a cancel).
+WRITE_TIMEOUT = 30.0
+_ABORT_GRACE = 5.0
+# A write that has not returned after this many max_delay (and at least _HANG_MIN
+# seconds) is hung: the watchdog moves the rows in memory to the spool.
+_HANG_AFTER_DELAYS = 2.0
+_HANG_MIN = 1.0
+# How often the watchdog looks, at most (less often only when max_delay is small).
+_WATCH_MAX = 1.0
 
 Durability = Literal["batched", "durable"]
 DURABILITY_MODES: tuple[Durability, ...] = ("batched", "durable")
@@ -115,6 +139,15 @@ class WriterStats:
     #: Rows that could not be spooled (disk full, directory not writable) and were
     #: kept in memory instead.
     spool_errors: int = 0
+    #: Write attempts that did not return within the hang bound (see
+    #: `BatchWriter.hang_after`); the rows in memory were moved to the spool meanwhile.
+    hung_writes: int = 0
+    #: Times the SQLite ledger file was found deleted or replaced while in use, and a
+    #: new one was created (migrated) at its path; see docs/reliability.md.
+    ledger_recreated: int = 0
+    #: Rows lost: still in memory when the interpreter exited, neither written nor
+    #: spooled (the spool could not be written either). Logged once, with the count.
+    lost: int = 0
 
 
 _Record = TypeVar("_Record", CallRecord, RunRecord, PriceRecord)
@@ -225,8 +258,17 @@ class BatchWriter(OutageHandling):
             who="the batch writer",
             advice=" Make the engine with tokenledger.storage.create_engine_for.",
         )
-        self._writes = LedgerWrites(engine)
+        # The writer's own engine on the same ledger: its connections carry timeouts
+        # the ledger's reads must not have, and it can be aborted from the watchdog.
+        self._db = WriterEngine(
+            engine.url, connect_timeout=CONNECT_TIMEOUT, statement_timeout=WRITE_TIMEOUT
+        )
+        self._writes = LedgerWrites(self._db.engine)
         self.max_delay = float(max_delay)
+        #: Seconds after which a write attempt that has not returned counts as hung and
+        #: the rows in memory are moved to the spool (checked every `_watch_every` s).
+        self.hang_after = max(_HANG_AFTER_DELAYS * self.max_delay, _HANG_MIN)
+        self._watch_every = min(self.max_delay / 2, _WATCH_MAX)
         self.max_batch = max_batch
         self.durability: Durability = durability
         self.max_buffer_rows = max_buffer_rows
@@ -271,6 +313,13 @@ class BatchWriter(OutageHandling):
         self._failing_since: float | None = None
         self._failure_streak = 0
         self._spool_failing = False
+        # When the write attempt in progress started (None: none is), read by the
+        # watchdog; and the attempt it last found hung, and last aborted.
+        self._busy_since: float | None = None
+        self._hang_seen: float | None = None
+        self._hang_logged = False
+        self._aborted: float | None = None
+        self._watch_stop = threading.Event()
 
     def __repr__(self) -> str:
         return f"<BatchWriter {self._url} {self.durability} pending={self.pending}>"
@@ -312,7 +361,9 @@ class BatchWriter(OutageHandling):
     def memory_rows(self) -> int:
         """Rows held in memory (queue, batch being retried, batch being written)."""
         batches = [b for b in (self._pending, self._inflight) if b is not None]
-        return len(self._queue) + sum(len(b) for b in dict.fromkeys(batches))
+        queued = list(self._queue)  # one C call: atomic with respect to other threads' puts
+        waiting = sum(1 for item in queued if not isinstance(item, FlushMarker))
+        return waiting + sum(len(b) for b in dict.fromkeys(batches))
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Block until every row put before this call is committed.
@@ -356,20 +407,32 @@ class BatchWriter(OutageHandling):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if not thread.is_alive():
                 self._thread = None
+            else:
+                # Stuck in a write to a server that does not answer: make it fail now,
+                # so the thread lets go of the spool instead of holding it for as long
+                # as the hang lasts.
+                self._db.abort()
         if not flushed:
             self._spill_memory(include_inflight=True)
         # A thread still stuck in a write keeps the spool and replays it when it can;
         # otherwise let go of it: what is left is found by the next writer.
         left = self.spool.release() if self._thread is None else self.spool.rows
+        if self._thread is None:
+            self._db.dispose()  # a put after close connects again
         if not flushed:
             logger.error(
                 "tokenledger closed its writer to %s with %d row(s) not written; %d of "
                 "them are in the spool at %s and will be written by the next writer on "
-                "this ledger.",
+                "this ledger.%s",
                 self._url,
                 self.memory_rows + left,
                 left,
                 self.spool.directory,
+                f" {self.memory_rows} row(s) could not be spooled and are held only in "
+                "this writer's memory: they are lost unless it is used again before the "
+                "process ends."
+                if self.memory_rows
+                else "",
             )
         return flushed
 
@@ -380,11 +443,20 @@ class BatchWriter(OutageHandling):
                 return
             self._stopping = False
             thread = threading.Thread(target=self._run, name="tokenledger-writer", daemon=True)
+            stop = self._watch_stop = threading.Event()
+            watchdog = threading.Thread(
+                target=self._watch,
+                args=(thread, stop),
+                name="tokenledger-writer-watchdog",
+                daemon=True,
+            )
             try:
                 thread.start()
+                watchdog.start()
             except RuntimeError:  # at interpreter shutdown: keep the rows, never raise
                 logger.warning("tokenledger could not start its writer thread", exc_info=True)
-                return
+                if not thread.is_alive():
+                    return
             self._thread = thread
 
     def _run(self) -> None:
@@ -418,6 +490,7 @@ class BatchWriter(OutageHandling):
                         self._thread = None
                         # What is left in the spool is for the next writer to replay.
                         self.spool.release()
+                    self._watch_stop.set()
                 return
 
     def _sleep(self, backoff: float) -> None:
@@ -491,11 +564,19 @@ class BatchWriter(OutageHandling):
                 return self._replay_spool()
 
     def _write_batch(self, batch: Batch) -> bool:
+        self._busy_since = time.monotonic()
         try:
             written, refused = self._writes.write(batch, copy=batch.fresh and self._copy_calls_ok)
+            if self._db.file_replaced():
+                # The batch may have gone into a deleted file: make a new ledger file
+                # and write it again there (a row already there is ignored).
+                self._recreate_ledger_file()
+                written, refused = self._writes.write(batch, copy=False)
         except Outage as outage:
             self._failed(outage.cause)
             return False
+        finally:
+            self._busy_since = None
         for rejected in refused:
             self._reject(rejected.table, rejected.row, rejected.error)
         self._succeeded(written)
@@ -513,6 +594,76 @@ class BatchWriter(OutageHandling):
             error,
         )
 
+    def _recreate_ledger_file(self) -> None:
+        """The SQLite ledger file was deleted (or replaced) under the writer: let go of
+        the old file and write to a new one, migrated to head, at the same path.
+
+        Raises `Outage` when that fails (the directory is gone, say): the rows are kept
+        and spooled, and retried, as in any outage.
+        """
+        from tokenledger import schema  # loads Alembic: only in this rare case
+
+        path = self._db.sqlite_path
+        self._db.dispose()
+        self._engine.dispose()  # the ledger's reads must see the new file too
+        try:
+            schema.ensure_schema(self._db.engine)
+        except Exception as exc:
+            raise Outage(exc) from exc
+        self._stats.ledger_recreated += 1
+        logger.error(
+            "tokenledger's ledger file %s was deleted or replaced while in use. Rows are "
+            "written to the file now at that path from now on (a new ledger, migrated, if "
+            "it was deleted), the last batch again; the rows only the old file held are "
+            "gone with it.",
+            path,
+        )
+
+    # -- the watchdog: a write that hangs ----------------------------------------------
+    def _watch(self, thread: threading.Thread, stop: threading.Event) -> None:
+        """Runs beside the writer thread (``thread``) until it ends: a write attempt that
+        does not return is what no error reports, so it is watched from outside."""
+        while not stop.wait(self._watch_every) and thread.is_alive():
+            try:
+                self._check_hang()
+            except Exception:  # never let the watchdog die and leave a hang unwatched
+                logger.exception("tokenledger's writer watchdog failed unexpectedly")
+
+    def _check_hang(self) -> None:
+        since = self._busy_since
+        if since is None:
+            return
+        waited = time.monotonic() - since
+        if waited < self.hang_after:
+            return
+        if self._hang_seen != since:
+            self._hang_seen = since
+            self._stats.hung_writes += 1
+            if not self._hang_logged and self._failing_since is None:
+                self._hang_logged = True
+                logger.warning(
+                    "tokenledger's write to the ledger at %s has not returned for %.1f s; "
+                    "the rows waiting in memory are moved to the spool at %s until it "
+                    "does (and the connection is aborted after %.0f s).",
+                    self._url,
+                    waited,
+                    self.spool.directory,
+                    WRITE_TIMEOUT + _ABORT_GRACE,
+                )
+        # Rows put since the last look, and the batch the hung attempt holds: the
+        # attempt may still commit it, which a replay then finds already written.
+        if self.memory_rows:
+            self._spill_memory(include_inflight=True)
+        if waited >= WRITE_TIMEOUT + _ABORT_GRACE and self._aborted != since:
+            self._aborted = since
+            aborted = self._db.abort()
+            logger.debug(
+                "tokenledger aborted %d connection(s) to %s after a write hung %.1f s",
+                aborted,
+                self._url,
+                waited,
+            )
+
     def _after_fork_in_child(self) -> None:
         # The parent's rows are the parent's to write; the thread did not survive the
         # fork, and the parent's pooled connections and spool files must not be shared.
@@ -520,6 +671,7 @@ class BatchWriter(OutageHandling):
         self._stats = WriterStats()
         self.rejected = []
         self.spool.after_fork_in_child()
+        self._db.dispose(close=False)
         self._engine.dispose(close=False)
 
 
@@ -535,13 +687,16 @@ def _flush_at_exit() -> None:
         # ledger. The process is ending: the kernel drops its spool locks.
         writer._spill_memory(include_inflight=True)
         left = writer.spool.rows
+        lost = writer.memory_rows  # neither written nor spooled: gone with the process
+        writer._stats.lost += lost
         logger.error(
             "tokenledger exits with %d row(s) not written to %s; %d of them are in the "
-            "spool at %s and will be written by the next writer on this ledger.",
-            writer.memory_rows + left,
+            "spool at %s and will be written by the next writer on this ledger.%s",
+            lost + left,
             writer._url,
             left,
             writer.spool.directory,
+            f" {lost} row(s) are LOST: the spool could not be written either." if lost else "",
         )
 
 
