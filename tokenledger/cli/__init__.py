@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import click
 
 from tokenledger._version import __version__
-from tokenledger.cli._options import LedgerGroup
+from tokenledger.cli._options import LedgerGroup, db_option
 from tokenledger.cli.budgets import budgets
 from tokenledger.cli.db import db, path_command, status_command
 from tokenledger.cli.demo import demo
@@ -45,11 +45,14 @@ __all__ = ["cli", "main"]
 
 @click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tokenledger")
-def cli() -> None:
+@db_option
+def cli(db_url: str | None) -> None:
     """Token accounting for LLM agent loops: see what every run and model costs.
 
-    Every command takes --db URL (default: $TOKENLEDGER_DATABASE_URL, else
-    tokenledger.db in the current directory). Start with `tokenledger demo`.
+    --db PATH|URL names the ledger, here (for every command) or after the command (which
+    wins): a SQLite file or a database URL. Default: $TOKENLEDGER_DATABASE_URL, else
+    tokenledger.db in the current directory. Start with `tokenledger demo`, which
+    records into its own tokenledger-demo.db.
     """
 
 
