@@ -392,3 +392,54 @@ def test_writing_to_read_only_media_is_a_one_line_error(read_only_ledger: Path) 
     assert 1 == result.exit_code
     assert "Traceback" not in result.output
     assert result.output.startswith("Error: ")
+
+
+@pytest.fixture
+def immutable_ledger(ledger_file: Path) -> Iterator[Path]:
+    """A ledger file marked immutable (chattr +i) in a writable directory: not even
+    root may write it."""
+    try:
+        done = subprocess.run(
+            ["chattr", "+i", str(ledger_file)], capture_output=True, text=True, check=False
+        )
+    except FileNotFoundError:
+        pytest.skip("no `chattr` command here, so no immutable file to test with")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mark a file immutable here: {done.stderr.strip()}")
+    try:
+        yield ledger_file
+    finally:
+        subprocess.run(["chattr", "-i", str(ledger_file)], check=False)
+
+
+@pytest.mark.parametrize("command", [["report"], ["runs"], ["status"], ["budgets"]], ids=" ".join)
+def test_reading_commands_read_an_immutable_ledger_file(
+    immutable_ledger: Path, command: list[str]
+) -> None:
+    result = invoke(*command, "--db", str(immutable_ledger))
+    assert 0 == result.exit_code, result.output
+
+
+def test_report_on_a_file_path_before_the_command_needs_no_sqlalchemy(
+    ledger_file: Path, tmp_path: Path
+) -> None:
+    """The start-up fast path holds for --db given as a path, before the command."""
+    code = (
+        "import json, sys\n"
+        "from tokenledger.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    print(json.dumps('sqlalchemy' in sys.modules), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "--db", ledger_file.name, "report", "--json"],
+        cwd=ledger_file.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert 0 == done.returncode, done.stderr
+    assert ["triage"] == [row["key"]["agent"] for row in json.loads(done.stdout)]
+    assert json.loads(done.stderr.strip().splitlines()[-1]) is False
