@@ -108,6 +108,11 @@ def test_every_demo_run_is_tagged_as_the_demo(tmp_path: Path, monkeypatch: Any) 
     assert not (tmp_path / "tokenledger.db").exists()
 
 
+def test_demo_help_names_its_own_default_ledger() -> None:
+    text = " ".join(invoke("demo", "--help").output.split())
+    assert "Default: ./tokenledger-demo.db, never $TOKENLEDGER_DATABASE_URL" in text
+
+
 def test_demo_writes_where_db_says_before_or_after_the_command(tmp_path: Path) -> None:
     after, before = tmp_path / "after.db", tmp_path / "before.db"
     assert 0 == invoke("demo", "--runs", "1", "--db", str(after)).exit_code

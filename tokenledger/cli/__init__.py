@@ -11,10 +11,14 @@ character for character as rich would (see `tokenledger.cli._render`).
 Reading commands (``runs``, ``calls``, ``report``, ``status``, ``budgets``, ``db current``
 and the economics commands) and ``budgets rm`` never create or migrate a database: a
 missing SQLite file is an error, not a new ledger. ``budgets set``, like ``db upgrade``,
-creates a ledger where there is none.
+creates a ledger where there is none. A SQLite file they cannot write (read-only
+media, an immutable file) they read read-only (see `tokenledger.cli._readonly`).
 
-The modules: `_options` (options, opening the ledger, one-line errors) and `_render`
-(cells, JSON, tables) serve the command modules `reports`, `economics`, `export`,
+``--db`` takes a SQLite file path or a URL, on the group or on a command (which wins);
+``tokenledger demo`` alone defaults to its own ``tokenledger-demo.db``.
+
+The modules: `_options` (options, opening the ledger, one-line errors), `_readonly`
+(read-only SQLite) and `_render` (cells, JSON, tables) serve the command modules `reports`, `economics`, `export`,
 `budgets`, `db` and `demo`; this one gathers their commands into one group.
 
 .. versionadded:: 0.1.0

@@ -166,14 +166,15 @@ def _db_value(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     return None
 
 
-def db_option(fn: F) -> F:
+def db_option(fn: F, *, help: str = _DB_HELP) -> F:
+    """``--db PATH|URL`` (see `db_url_of`), inherited from an enclosing command."""
     return click.option(
         "--db",
         "db_url",
         metavar="PATH|URL",
         default=None,
         callback=_db_value,
-        help=_DB_HELP,
+        help=help,
     )(fn)
 
 

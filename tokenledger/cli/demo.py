@@ -13,6 +13,7 @@ costs that must not land in a real ledger (or spend its budgets) by accident. ``
 
 from __future__ import annotations
 
+import functools
 import shlex
 
 import click
@@ -28,7 +29,11 @@ DEMO_FILENAME = "tokenledger-demo.db"
 
 
 @click.command("demo")
-@db_option
+@functools.partial(
+    db_option,
+    help="The ledger to record into: a SQLite file path or a database URL. Default: "
+    "./tokenledger-demo.db, never $TOKENLEDGER_DATABASE_URL.",
+)
 @click.option(
     "--runs",
     "runs",
