@@ -18,8 +18,9 @@ media, an immutable file) they read read-only (see `tokenledger.cli._readonly`).
 ``tokenledger demo`` alone defaults to its own ``tokenledger-demo.db``.
 
 The modules: `_options` (options, opening the ledger, one-line errors), `_readonly`
-(read-only SQLite) and `_render` (cells, JSON, tables) serve the command modules `reports`, `economics`, `export`,
-`budgets`, `db` and `demo`; this one gathers their commands into one group.
+(read-only SQLite) and `_render` (cells, JSON, tables) serve the command modules
+`reports`, `economics`, `export`, `budgets`, `db` and `demo`; this one gathers their
+commands into one group.
 
 .. versionadded:: 0.1.0
 """
