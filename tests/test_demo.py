@@ -12,7 +12,14 @@ import pytest
 from helpers import calls_of, rows
 
 from tokenledger import ConfigurationError, Ledger
-from tokenledger.demo import AGENT_NAME, MODELS, SUB_AGENT_NAME, DemoSummary, run_demo
+from tokenledger.demo import (
+    AGENT_NAME,
+    DEMO_TAGS,
+    MODELS,
+    SUB_AGENT_NAME,
+    DemoSummary,
+    run_demo,
+)
 from tokenledger.queries import report
 
 
@@ -143,3 +150,15 @@ def test_run_demo_rejects_a_bad_run_count(tmp_path: Path, runs: Any) -> None:
         pytest.raises(ConfigurationError, match="`runs` is"),
     ):
         run_demo(ledger, runs=runs)
+
+
+def test_every_demo_run_is_tagged_as_the_demo(ledger: Ledger, demo: DemoSummary) -> None:
+    assert all(DEMO_TAGS.items() <= run["tags"].items() for run in rows(ledger, "runs"))
+
+
+def test_demo_root_runs_record_outcomes(ledger: Ledger, demo: DemoSummary) -> None:
+    outcomes = [(run["outcome"], run["outcome_value"]) for run in roots(ledger)]
+    resolved = [value for label, value in outcomes if label == "resolved"]
+    assert 0 < len(resolved) < len(outcomes)
+    assert {Decimal("4.00")} == set(resolved)
+    assert {("escalated", None)} == {o for o in outcomes if o[0] != "resolved"}

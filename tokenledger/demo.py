@@ -15,9 +15,12 @@ the machine. Per ticket:
 5. **research** — a ``researcher`` sub-agent (a child run) on ``claude-sonnet-4-5`` that
    writes the knowledge base to Anthropic's prompt cache once and reads it afterwards
    (``cache_creation_input_tokens`` / ``cache_read_input_tokens``);
-6. **reply** — a streamed ``gpt-4o-mini`` summary, read to the end.
+6. **reply** — a streamed ``gpt-4o-mini`` summary, read to the end;
+7. **outcome** — ``resolved`` (worth $4.00) for most tickets, ``escalated`` for the rest,
+   so that ``tokenledger economics`` has successes to divide the cost by.
 
-Runs carry ``tenant``, ``user`` and ``channel`` tags. Token counts are drawn from a
+Runs carry ``tenant``, ``user`` and ``channel`` tags, and ``demo=true`` (`DEMO_TAGS`) so
+that they can be told apart from real runs in a shared ledger. Token counts are drawn from a
 seeded random generator, so a seed always gives the same ledger rows (ids and times
 aside).
 
@@ -39,10 +42,12 @@ if TYPE_CHECKING:
     from tokenledger.ledger import Ledger
     from tokenledger.runs import Run
 
-__all__ = ["AGENT_NAME", "MODELS", "SUB_AGENT_NAME", "DemoSummary", "run_demo"]
+__all__ = ["AGENT_NAME", "DEMO_TAGS", "MODELS", "SUB_AGENT_NAME", "DemoSummary", "run_demo"]
 
 AGENT_NAME = "support-triage"
 SUB_AGENT_NAME = "researcher"
+#: Tags on every run the demo records (its sub-runs inherit them).
+DEMO_TAGS = {"demo": "true"}
 
 #: Every model the demo calls, by role.
 MODELS = {
@@ -81,6 +86,9 @@ _PLANNER_PREFIX_TOKENS = 1_536
 _KNOWLEDGE_BASE_TOKENS = 2_400
 # The one tool step that hits a rate limit: the fourth ticket's (or the last, if fewer).
 _FAILING_TICKET = 3
+# Each ticket's outcome: resolved (worth a human agent's time) or escalated.
+_RESOLVED_SHARE = 0.85
+_RESOLVED_VALUE_USD = "4.00"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,6 +137,8 @@ def run_demo(ledger: Ledger, *, runs: int = 20, seed: int = 7) -> DemoSummary:
     tickets = [_ticket(rng, number) for number in range(runs)]
     failing = min(_FAILING_TICKET, runs - 1)
     steps = _Steps(litellm, rng)
+    # Outcomes are drawn apart, so that they leave a seed's token counts as they were.
+    outcomes = random.Random(seed)
 
     @ledger.agent(SUB_AGENT_NAME)
     def research(ticket: _Ticket) -> str:
@@ -155,7 +165,15 @@ def run_demo(ledger: Ledger, *, runs: int = 20, seed: int = 7) -> DemoSummary:
         if ticket.category in ("billing", "account") or ticket.number == 0:
             steps.policy_check(ticket)
         findings = research(ticket)
-        return steps.reply(ticket, plan, findings)
+        answer = steps.reply(ticket, plan, findings)
+        if run is not None:
+            # Most tickets are resolved, each worth what a human agent would have cost;
+            # the rest go to a human. `tokenledger economics` divides cost by these.
+            if outcomes.random() < _RESOLVED_SHARE:
+                run.outcome("resolved", value=_RESOLVED_VALUE_USD)
+            else:
+                run.outcome("escalated")
+        return answer
 
     started_at = utcnow()
     quiet = litellm.suppress_debug_info
@@ -164,7 +182,12 @@ def run_demo(ledger: Ledger, *, runs: int = 20, seed: int = 7) -> DemoSummary:
         for ticket in tickets:
             # Each ticket's run carries its own tenant and user, so the agent is
             # decorated per ticket (a decorator's tags are fixed when it is applied).
-            tags = {"tenant": ticket.tenant, "user": ticket.user, "channel": ticket.channel}
+            tags = {
+                "tenant": ticket.tenant,
+                "user": ticket.user,
+                "channel": ticket.channel,
+                **DEMO_TAGS,
+            }
             handle_ticket = ledger.agent(AGENT_NAME, tags=tags)(triage)
             handle_ticket(ticket)
     finally:

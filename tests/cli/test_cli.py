@@ -83,7 +83,7 @@ def test_help_lists_every_command() -> None:
     assert 0 == result.exit_code
     for command in ("demo", "path", "runs", "calls", "report", "status", "db"):
         assert f"  {command} " in result.output
-    assert "--db URL" in invoke("runs", "--help").output
+    assert "--db PATH|URL" in invoke("runs", "--help").output
 
 
 def test_path_prints_the_sqlite_file_or_the_url(db_url: str) -> None:

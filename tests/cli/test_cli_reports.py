@@ -96,7 +96,7 @@ def test_help_lists_every_reporting_command() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_reporting_command_takes_db(name: str) -> None:
-    assert "--db URL" in invoke(name, "--help").output
+    assert "--db PATH|URL" in invoke(name, "--help").output
 
 
 @pytest.mark.parametrize("name", [name for name in NAMES if name != "export"])

@@ -11,11 +11,16 @@ character for character as rich would (see `tokenledger.cli._render`).
 Reading commands (``runs``, ``calls``, ``report``, ``status``, ``budgets``, ``db current``
 and the economics commands) and ``budgets rm`` never create or migrate a database: a
 missing SQLite file is an error, not a new ledger. ``budgets set``, like ``db upgrade``,
-creates a ledger where there is none.
+creates a ledger where there is none. A SQLite file they cannot write (read-only
+media, an immutable file) they read read-only (see `tokenledger.cli._readonly`).
 
-The modules: `_options` (options, opening the ledger, one-line errors) and `_render`
-(cells, JSON, tables) serve the command modules `reports`, `economics`, `export`,
-`budgets`, `db` and `demo`; this one gathers their commands into one group.
+``--db`` takes a SQLite file path or a URL, on the group or on a command (which wins);
+``tokenledger demo`` alone defaults to its own ``tokenledger-demo.db``.
+
+The modules: `_options` (options, opening the ledger, one-line errors), `_readonly`
+(read-only SQLite) and `_render` (cells, JSON, tables) serve the command modules
+`reports`, `economics`, `export`, `budgets`, `db` and `demo`; this one gathers their
+commands into one group.
 
 .. versionadded:: 0.1.0
 """
@@ -27,7 +32,7 @@ from collections.abc import Sequence
 import click
 
 from tokenledger._version import __version__
-from tokenledger.cli._options import LedgerGroup
+from tokenledger.cli._options import LedgerGroup, db_option
 from tokenledger.cli.budgets import budgets
 from tokenledger.cli.db import db, path_command, status_command
 from tokenledger.cli.demo import demo
@@ -45,11 +50,14 @@ __all__ = ["cli", "main"]
 
 @click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tokenledger")
-def cli() -> None:
+@db_option
+def cli(db_url: str | None) -> None:
     """Token accounting for LLM agent loops: see what every run and model costs.
 
-    Every command takes --db URL (default: $TOKENLEDGER_DATABASE_URL, else
-    tokenledger.db in the current directory). Start with `tokenledger demo`.
+    --db PATH|URL names the ledger, here (for every command) or after the command (which
+    wins): a SQLite file or a database URL. Default: $TOKENLEDGER_DATABASE_URL, else
+    tokenledger.db in the current directory. Start with `tokenledger demo`, which
+    records into its own tokenledger-demo.db.
     """
 
 

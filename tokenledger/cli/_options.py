@@ -33,6 +33,7 @@ __all__ = [
     "Filters",
     "LedgerGroup",
     "db_option",
+    "db_url_of",
     "engine_for",
     "existing_url",
     "filter_options",
@@ -42,6 +43,7 @@ __all__ = [
     "open_for_reading",
     "parsed_by",
     "read_rows",
+    "reading_engine",
     "resolve_url",
     "time_value",
     "window_options",
@@ -56,8 +58,9 @@ R = TypeVar("R")
 EMPTY = "No runs recorded yet. Try `tokenledger demo`."
 SINCE_HELP = "Only runs/calls since then: 30m, 24h, 7d, 2w, or an ISO date (2025-01-31)."
 _DB_HELP = (
-    "Ledger database URL. Default: $TOKENLEDGER_DATABASE_URL, else tokenledger.db in the "
-    "current directory."
+    "The ledger: a SQLite file path (what `tokenledger path` prints) or a database URL "
+    "(sqlite:///..., postgresql://...). Default: $TOKENLEDGER_DATABASE_URL, else "
+    "tokenledger.db in the current directory."
 )
 _UNTIL_HELP = "Only runs/calls before then (exclusive): same forms as --since."
 _AGENT_HELP = "Only root runs of this agent (default: every agent)."
@@ -131,8 +134,48 @@ def name_ledger(name: str) -> None:
 # --------------------------------------------------------------------------- options
 
 
-def db_option(fn: F) -> F:
-    return click.option("--db", "db_url", metavar="URL", default=None, help=_DB_HELP)(fn)
+def db_url_of(text: str) -> str | None:
+    """The ledger URL ``--db`` names: a URL as given; anything without ``://`` is the
+    path of a SQLite file (``~`` expanded, made absolute); None for an empty value.
+
+    ``?``, ``#`` and ``%`` in a path are escaped, since SQLAlchemy reads a URL's path
+    percent-decoded: the URL names the file, whatever characters its name holds.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    if "://" in text:
+        return text
+    path = os.path.abspath(os.path.expanduser(text))
+    for character, escaped in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
+        path = path.replace(character, escaped)
+    return f"sqlite:///{path}"
+
+
+def _db_value(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--db`` as a URL: the command's own, else the nearest enclosing command's
+    (``tokenledger --db x.db report``, ``tokenledger budgets --db x.db set ...``)."""
+    if value is not None:
+        return db_url_of(value)
+    parent = ctx.parent
+    while parent is not None:
+        inherited = parent.params.get("db_url")
+        if inherited is not None:
+            return cast("str", inherited)
+        parent = parent.parent
+    return None
+
+
+def db_option(fn: F, *, help: str = _DB_HELP) -> F:
+    """``--db PATH|URL`` (see `db_url_of`), inherited from an enclosing command."""
+    return click.option(
+        "--db",
+        "db_url",
+        metavar="PATH|URL",
+        default=None,
+        callback=_db_value,
+        help=help,
+    )(fn)
 
 
 def json_option(fn: F) -> F:
@@ -290,8 +333,24 @@ def resolve_url(db_url: str | None) -> tuple[str, str | None]:
     except ConfigurationError as exc:
         source = "--db" if db_url else storage.DATABASE_URL_ENV
         raise click.BadParameter(str(exc), param_hint=f"'{source}'") from exc
+    if path is not None:
+        path = _uri_file(path)
     name_ledger(path or storage.redact_url(url))
     return url, path
+
+
+def _uri_file(database: str) -> str:
+    """The file a SQLite database name names: the name itself, or the path inside a
+    ``file:`` URI (``sqlite:///file:/data/ledger.db?mode=ro&uri=true``), so that such a
+    ledger is found, named and opened like any other."""
+    if not database.startswith("file:"):
+        return database
+    import urllib.parse
+
+    path = database[len("file:") :].split("?", 1)[0].split("#", 1)[0]
+    if path.startswith("//"):  # file://localhost/data/ledger.db: drop the authority
+        path = "/" + path[2:].partition("/")[2]
+    return os.path.abspath(urllib.parse.unquote(path))
 
 
 def _missing_file(path: str) -> NoReturn:
@@ -316,6 +375,18 @@ def engine_for(url: str) -> sa.Engine:
     return storage.create_engine_for(url)
 
 
+def reading_engine(url: str, path: str | None) -> sa.Engine:
+    """An engine that reads the ledger at ``url`` (its SQLite file ``path``, or None):
+    read-only when this process cannot write the file or its directory (read-only
+    media, an immutable file; see `tokenledger.cli._readonly`), else `engine_for`'s."""
+    if path is not None and os.path.isfile(path):
+        from tokenledger.cli import _readonly
+
+        if _readonly.is_read_only(path):
+            return _readonly.read_only_engine(path)
+    return engine_for(url)
+
+
 def open_for_reading(db_url: str | None) -> sa.Engine | None:
     """An engine on an existing ledger at this code's schema; None when it has no schema.
 
@@ -329,7 +400,7 @@ def open_for_reading(db_url: str | None) -> sa.Engine | None:
         # An empty file is an empty SQLite database. Connecting would switch it to WAL,
         # which writes a header: reading commands leave files as they found them.
         return None
-    engine = engine_for(url)
+    engine = reading_engine(url, path)
     try:
         revision = schema.current_revision(engine)
         if revision == schema.head_revision():

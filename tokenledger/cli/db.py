@@ -20,6 +20,7 @@ from tokenledger.cli._options import (
     engine_for,
     existing_url,
     json_option,
+    reading_engine,
     resolve_url,
 )
 from tokenledger.cli._render import money, print_json, say, when
@@ -56,7 +57,7 @@ def status_command(db_url: str | None, as_json: bool) -> None:
     from tokenledger.storage import redact_url
 
     url, path = existing_url(db_url)
-    engine = engine_for(url)
+    engine = reading_engine(url, path)
     problem = None
     try:
         revision = schema.current_revision(engine)
@@ -173,8 +174,8 @@ def db_current(db_url: str | None) -> None:
     """Print the ledger's schema revision and the one this tokenledger needs."""
     from tokenledger import schema
 
-    url, _path = existing_url(db_url)
-    engine = engine_for(url)
+    url, path = existing_url(db_url)
+    engine = reading_engine(url, path)
     try:
         revision = schema.current_revision(engine)
     finally:

@@ -3,21 +3,37 @@ report what it cost.
 
 The only command that imports litellm (through `tokenledger.demo`), inside the command:
 the demo's calls are real litellm calls answered by mock responses.
+
+The demo records into its own ledger, ``tokenledger-demo.db`` in the current directory,
+not the one ``$TOKENLEDGER_DATABASE_URL`` names: its runs carry tenants, users and
+costs that must not land in a real ledger (or spend its budgets) by accident. ``--db``
+(here or before the command) chooses another ledger, and every demo run is tagged
+``demo=true``.
 """
 
 from __future__ import annotations
 
+import functools
+import shlex
+
 import click
 
-from tokenledger.cli._options import db_option, resolve_url
-from tokenledger.cli._render import make_console, money
+from tokenledger.cli._options import db_option, db_url_of, resolve_url
+from tokenledger.cli._render import escape, make_console, money
 from tokenledger.cli.reports import report_table
 
-__all__ = ["demo"]
+__all__ = ["DEMO_FILENAME", "demo"]
+
+#: The demo's own ledger, in the current directory, used unless --db names another.
+DEMO_FILENAME = "tokenledger-demo.db"
 
 
 @click.command("demo")
-@db_option
+@functools.partial(
+    db_option,
+    help="The ledger to record into: a SQLite file path or a database URL. Default: "
+    "./tokenledger-demo.db, never $TOKENLEDGER_DATABASE_URL.",
+)
 @click.option(
     "--runs",
     "runs",
@@ -33,12 +49,18 @@ def demo(db_url: str | None, runs: int, seed: int) -> None:
     A support-triage agent (planner, retrieval, tool steps with one rate-limited retry,
     a policy check with reasoning, a researcher sub-agent and a streamed reply) makes
     real litellm calls answered by mock responses: nothing leaves this machine.
+
+    Records into ./tokenledger-demo.db, never into $TOKENLEDGER_DATABASE_URL, unless
+    --db names a ledger; its runs are tagged demo=true.
     """
     from tokenledger.demo import run_demo
     from tokenledger.ledger import Ledger
     from tokenledger.queries import report
 
-    url, path = resolve_url(db_url)
+    # The explicit --db, or the demo's own file: `db_flag` names it in the commands the
+    # demo suggests, relative to the working directory the user is in.
+    db_flag = DEMO_FILENAME if db_url is None else None
+    url, path = resolve_url(db_url if db_url is not None else db_url_of(DEMO_FILENAME))
     console = make_console()
     with console.status(f"Running {runs} support tickets through litellm (offline)…"):
         ledger = Ledger(url)
@@ -82,12 +104,15 @@ def demo(db_url: str | None, runs: int, seed: int) -> None:
     )
     console.print()
     where = path or ledger.url
-    console.print(f"Ledger: [bold]{where}[/]")
-    db_flag = f" --db {ledger.url}" if db_url else ""
+    note = " (the demo's own ledger; --db chooses another)" if db_url is None else ""
+    console.print(f"Ledger: [bold]{escape(where)}[/]{note}")
+    if db_flag is None:
+        db_flag = shlex.quote(path) if path is not None else shlex.quote(ledger.url)
     console.print("Explore it:")
     for command in (
         "runs --root-only",
         "report --by agent,model",
         f"calls --run {summary.run_ids[0]}",
     ):
-        console.print(f"  [cyan]tokenledger {command}{db_flag}[/]", soft_wrap=True)
+        line = f"tokenledger {command} --db {db_flag}"
+        console.print(f"  [cyan]{escape(line)}[/]", soft_wrap=True)

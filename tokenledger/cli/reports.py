@@ -329,15 +329,22 @@ def _report_without_sqlalchemy(
     if path is None or not os.path.isfile(path):
         return None
     import sqlite3
-    import urllib.parse
 
     from tokenledger._reporting import sqlite_report
+    from tokenledger.cli import _readonly
 
     try:
-        # mode=rw: never create a file, as every reading command promises. fsencode:
-        # a path that is not valid UTF-8 (surrogate escapes) is quoted byte by byte.
-        uri = f"file:{urllib.parse.quote(os.fsencode(path))}?mode=rw"
-        connection = sqlite3.connect(uri, uri=True, timeout=_location.SQLITE_BUSY_TIMEOUT_S)
+        if _readonly.is_read_only(path):
+            # Read-only media or an immutable file: WAL would need files SQLite cannot
+            # create there, so the file is read as such.
+            connection = _readonly.connect_read_only(path)
+        else:
+            # mode=rw: never create a file, as every reading command promises.
+            connection = sqlite3.connect(
+                _readonly.sqlite_uri(path, "mode=rw"),
+                uri=True,
+                timeout=_location.SQLITE_BUSY_TIMEOUT_S,
+            )
     except sqlite3.Error:
         return None
     try:
