@@ -50,7 +50,7 @@ def _budget_ids(url: str, count: int, limit_usd: str) -> list[str]:
 
 
 def _store(url: str) -> Any:
-    from tokenledger import storage
+    from tokenledger import _storage as storage
     from tokenledger._reservations import BudgetStore
 
     engine = storage.create_engine_for(url)
@@ -91,7 +91,7 @@ def _loop_raw(
 ) -> tuple[int, int, list[float], Decimal]:
     import sqlalchemy as sa
 
-    from tokenledger import storage
+    from tokenledger import _storage as storage
     from tokenledger.budgets import window_bounds
 
     w = storage.budget_windows
@@ -334,7 +334,8 @@ def _measure(engine_name: str, url: str, section: Section, quick: bool) -> None:
 
 
 def run(section: Section, *, quick: bool, postgres_url: str | None) -> None:
-    from tokenledger import schema, storage
+    from tokenledger import _schema as schema
+    from tokenledger import _storage as storage
 
     with tempfile.TemporaryDirectory(prefix="tl-budgets-") as tmp:
         url = f"sqlite:///{tmp}/budgets.db"

@@ -63,7 +63,7 @@ def make_calls(n: int) -> list[Any]:
 
 
 def _columns() -> list[str]:
-    from tokenledger import storage
+    from tokenledger import _storage as storage
 
     return [c.name for c in storage.calls.columns]
 
@@ -96,7 +96,7 @@ def _writer_rate(engine: Any, n: int, *, copy: bool = True) -> dict[str, float]:
 
     ``copy=False`` (PostgreSQL): every batch takes the INSERT ... ON CONFLICT path that
     retried and replayed batches take."""
-    from tokenledger.writer import BatchWriter
+    from tokenledger._writer import BatchWriter
 
     records = make_calls(n)
     writer = BatchWriter(engine, max_delay=1.0)
@@ -155,7 +155,8 @@ def _raw_copy_rate(url: str, n: int) -> dict[str, float]:
 
 
 def _measure(engine_name: str, url: str, n: int, rounds: int, section: Section) -> None:
-    from tokenledger import schema, storage
+    from tokenledger import _schema as schema
+    from tokenledger import _storage as storage
 
     engine = storage.create_engine_for(url)
     try:

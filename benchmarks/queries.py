@@ -36,8 +36,8 @@ def _fallback_build(engine: Any, calls: int) -> tuple[int, int]:
     import random
     from decimal import Decimal
 
+    from tokenledger._writer import BatchWriter
     from tokenledger.records import CallRecord, RunRecord, new_id
-    from tokenledger.writer import BatchWriter
 
     rng = random.Random(7)
     now = dt.datetime.now(dt.timezone.utc)
@@ -85,7 +85,8 @@ def _one(
 ) -> None:
     import sqlalchemy as sa
 
-    from tokenledger import schema, storage
+    from tokenledger import _schema as schema
+    from tokenledger import _storage as storage
 
     try:
         from benchmarks import report_queries as rq

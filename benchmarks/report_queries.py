@@ -1,6 +1,6 @@
 """Report queries over a large ledger: per-agent per-day report, cost per outcome, runs.
 
-Builds a ledger of N calls through the real batch writer (`tokenledger.writer.BatchWriter`)
+Builds a ledger of N calls through the real batch writer (`tokenledger._writer.BatchWriter`)
 on SQLite and on PostgreSQL (a throw-away schema, dropped afterwards, as the test fixture
 does), then times each query: the median and the best of ``--repeat`` runs, on a warm
 cache. The workload looks like an agent fleet: 4 agents, about 10 calls per root run
@@ -27,9 +27,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tokenledger import economics, queries, schema, storage
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
+from tokenledger import economics, queries
+from tokenledger._writer import BatchWriter
 from tokenledger.records import CallRecord, RunRecord, new_id
-from tokenledger.writer import BatchWriter
 
 DEFAULT_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 AGENTS = ("support", "research", "billing", "triage")

@@ -84,7 +84,8 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised by a test wit
 
 from opentelemetry.context import Context
 
-from tokenledger import _litellm, spans
+from tokenledger import _litellm
+from tokenledger import _spans as spans
 from tokenledger import capture as _capture
 from tokenledger import semconv as sc
 from tokenledger.records import new_call

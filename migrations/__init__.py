@@ -1,5 +1,5 @@
 """tokenledger's Alembic migrations, shipped in the wheel as ``tokenledger.migrations``.
 
-Run them with ``tokenledger db upgrade`` or `tokenledger.schema.upgrade`; there is no
+Run them with ``tokenledger db upgrade`` or `tokenledger._schema.upgrade`; there is no
 ``alembic.ini``: the configuration is built in code.
 """

@@ -1,9 +1,9 @@
 """Alembic environment of the tokenledger ledger.
 
-Programmatic use (what `tokenledger.schema` does): put an open SQLAlchemy connection in
+Programmatic use (what `tokenledger._schema` does): put an open SQLAlchemy connection in
 ``config.attributes["connection"]``; the migration runs in that connection's transaction
 and the caller commits. Otherwise the URL comes from the ``sqlalchemy.url`` option, else
-`tokenledger.storage.default_url`.
+`tokenledger._storage.default_url`.
 
 Two processes may upgrade the same database at once (two workers starting on a fresh
 ledger). Each takes a lock inside the migration transaction before Alembic reads the
@@ -17,8 +17,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, text
 
-from tokenledger import storage
-from tokenledger.schema import MIGRATION_LOCK_ID, VERSION_TABLE
+from tokenledger import _storage as storage
+from tokenledger._schema import MIGRATION_LOCK_ID, VERSION_TABLE
 
 config = context.config
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tokenledger import storage
+from tokenledger import _storage as storage
 
 DEFAULT_TEST_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 

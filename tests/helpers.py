@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tokenledger import Ledger
-from tokenledger.storage import metadata
+from tokenledger._storage import metadata
 
 
 def rows(ledger: Ledger, table: str) -> list[dict[str, Any]]:

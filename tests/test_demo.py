@@ -12,7 +12,7 @@ import pytest
 from helpers import calls_of, rows
 
 from tokenledger import ConfigurationError, Ledger
-from tokenledger.demo import (
+from tokenledger._demo import (
     AGENT_NAME,
     DEMO_TAGS,
     MODELS,

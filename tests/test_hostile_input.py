@@ -29,7 +29,10 @@ from helpers import rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenledger import Ledger, queries, schema, storage
+from tokenledger import Ledger, queries
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
+from tokenledger._writer import BatchWriter
 from tokenledger.capture import PendingCall
 from tokenledger.cli import cli
 from tokenledger.exceptions import (
@@ -42,7 +45,6 @@ from tokenledger.exceptions import (
 from tokenledger.pricing import PriceBook
 from tokenledger.records import CallRecord, TokenUsage, new_id, utcnow
 from tokenledger.usage import MAX_TOKENS_PER_CALL, usage_from_response
-from tokenledger.writer import BatchWriter
 
 PROMPT = "PROMPT-8f3e1c-the-patient-is-allergic-to-penicillin"
 COMPLETION = "COMPLETION-b71d09-prescribe-amoxicillin-500mg"

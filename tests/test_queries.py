@@ -36,7 +36,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tokenledger import ConfigurationError, Ledger, queries, storage
+from tokenledger import ConfigurationError, Ledger, queries
+from tokenledger import _storage as storage
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import ReportRow, list_calls, list_runs, parse_since, report
 from tokenledger.records import CallRecord, RunRecord

@@ -34,10 +34,12 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tokenledger import Ledger, schema, storage
+from tokenledger import Ledger
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
+from tokenledger._spool import Spool, decode_line, encode_row, ledger_key, spool_directory
+from tokenledger._writer import BatchWriter
 from tokenledger.records import CallRecord, PriceRecord, RunRecord, new_id, utcnow
-from tokenledger.spool import Spool, decode_line, encode_row, ledger_key, spool_directory
-from tokenledger.writer import BatchWriter
 
 OUTAGE_SECONDS = float(os.environ.get("TOKENLEDGER_TEST_OUTAGE_SECONDS", "30"))
 WRITER_OPTIONS = ("durability", "max_buffer_rows", "spool_dir", "max_batch")
@@ -71,7 +73,7 @@ WORKER_PRELUDE = (
     "import inspect, os, sys, time, json\n"
     "from typing import Any\n"
     "from tokenledger import Ledger\n"
-    "from tokenledger.writer import BatchWriter\n"
+    "from tokenledger._writer import BatchWriter\n"
     f"WRITER_OPTIONS = {WRITER_OPTIONS!r}\n" + OPEN_LEDGER_SOURCE
 )
 
@@ -673,9 +675,9 @@ KILLED_WORKER = WORKER_PRELUDE + textwrap.dedent(
 KILLED_IN_AN_OUTAGE_WORKER = textwrap.dedent(
     """
     import sys, time
-    from tokenledger import storage
+    from tokenledger import _storage as storage
     from tokenledger.records import CallRecord, new_id, utcnow
-    from tokenledger.writer import BatchWriter
+    from tokenledger._writer import BatchWriter
     url, spool_dir = sys.argv[1:3]
     writer = BatchWriter(storage.create_engine_for(url), max_delay=0.25, spool_dir=spool_dir)
     out = sys.stdout

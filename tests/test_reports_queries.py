@@ -43,6 +43,7 @@ from tokenledger import (
     economics,
     queries,
 )
+from tokenledger._writer import BatchWriter
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import (
     OutcomeEconomics,
@@ -58,7 +59,6 @@ from tokenledger.queries import (
     report,
 )
 from tokenledger.records import CallRecord, RunRecord, new_id
-from tokenledger.writer import BatchWriter
 
 UTC = dt.timezone.utc
 D = Decimal

@@ -25,7 +25,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from tokenledger import schema, storage
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
 from tokenledger.exceptions import ConfigurationError, LedgerError, SchemaVersionError
 
 # Every table `upgrade head` creates, with each column's generic kind and nullability,
@@ -480,7 +481,7 @@ def test_checking_a_ledger_on_open_does_not_import_alembic(db_url: str, tmp_path
     engine.dispose()
     code = (
         "import json, sys\n"
-        "from tokenledger import schema, storage\n"
+        "from tokenledger import _schema as schema, _storage as storage\n"
         "engine = storage.create_engine_for(sys.argv[1])\n"
         "schema.ensure_schema(engine)\n"
         "revision = schema.current_revision(engine)\n"

@@ -114,7 +114,7 @@ def test_without_an_sdk_everything_still_lands_in_sql(tmp_path: Any) -> None:
     """No SDK configured: spans are no-ops, rows carry no trace ids, nothing is lost."""
     code = (
         "import litellm, tokenledger as tl, sqlalchemy as sa\n"
-        "from tokenledger.storage import metadata\n"
+        "from tokenledger._storage import metadata\n"
         f"ledger = tl.Ledger('sqlite:///{tmp_path / 'l.db'}')\n"
         "with ledger.run('no-sdk'):\n"
         "    litellm.completion(model='gpt-4o-mini', messages=[{'role':'user','content':'x'}],"

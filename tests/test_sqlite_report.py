@@ -28,16 +28,18 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from tokenledger import Ledger, _location, queries, schema, storage
+from tokenledger import Ledger, _location, queries
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
 from tokenledger._money import from_driver
 from tokenledger._report_sql import sqlite_timestamp
 from tokenledger._reporting import key_text, parse_since
+from tokenledger._writer import BatchWriter
 from tokenledger.cli import cli
 from tokenledger.cli._render import json_default
 from tokenledger.pricing import PriceBook
 from tokenledger.queries import ReportRow, report
 from tokenledger.records import CallRecord, RunRecord, new_id
-from tokenledger.writer import BatchWriter
 
 UTC = dt.timezone.utc
 D = Decimal

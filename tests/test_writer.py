@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tokenledger import schema, storage
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
+from tokenledger._writer import BatchWriter
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.records import CallRecord, PriceRecord, RunRecord, new_id, utcnow
-from tokenledger.writer import BatchWriter
 
 
 @pytest.fixture
@@ -400,9 +401,9 @@ def test_live_writers_are_flushed_at_interpreter_exit(db_url: str, engine: sa.En
     schema.upgrade(engine)
     script = (
         "import sys\n"
-        "from tokenledger import storage\n"
+        "from tokenledger import _storage as storage\n"
         "from tokenledger.records import CallRecord, new_id, utcnow\n"
-        "from tokenledger.writer import BatchWriter\n"
+        "from tokenledger._writer import BatchWriter\n"
         "writer = BatchWriter(storage.create_engine_for(sys.argv[1]), max_delay=3600)\n"
         "for _ in range(10):\n"
         "    writer.put_call(CallRecord(id=new_id(), run_id=None, root_run_id=None,\n"

@@ -1,4 +1,4 @@
-"""The forms a row takes between `BatchWriter.put_* <tokenledger.writer.BatchWriter>`
+"""The forms a row takes between `BatchWriter.put_* <tokenledger._writer.BatchWriter>`
 and the database, and the batch that carries them there.
 
 A record is put as itself (a `CallRecord`, `RunRecord` or `PriceRecord`) and taken off

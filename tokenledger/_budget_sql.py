@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tokenledger import storage
+from tokenledger import _storage as storage
 from tokenledger._budget_scope import Amount, WindowKey
 from tokenledger._money import MAX_USD
 from tokenledger.budgets import MAX_TOKENS

@@ -1,6 +1,6 @@
 """Where the ledger is and which schema it must have, without importing SQLAlchemy.
 
-`tokenledger.storage` and `tokenledger.schema` publish these names; they live here so that
+`tokenledger._storage` and `tokenledger._schema` publish these names; they live here so that
 ``tokenledger report`` on a SQLite ledger can find the file and check its revision before
 (and, when both are as expected, instead of) loading SQLAlchemy, which is two thirds of
 that command's start-up.
@@ -48,7 +48,7 @@ def plain_sqlite_file(url: str) -> str | None:
     """The absolute path behind ``sqlite:///PATH``; None for every other kind of URL.
 
     Only the plain form: a URL with a query, a fragment, a ``%`` escape or a ``file:``
-    path is left to SQLAlchemy's parser (`tokenledger.storage.normalize_url`), which
+    path is left to SQLAlchemy's parser (`tokenledger._storage.normalize_url`), which
     gives the same path for every URL this accepts.
     """
     url = url.strip()

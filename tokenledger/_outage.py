@@ -9,7 +9,7 @@ disk, not memory. Once the database is back the spool is replayed and removed
 **The spool cannot be written** (disk full, directory not writable). Rows stay in
 memory instead, and that is logged once until the spool works again.
 
-`OutageHandling` is a part of `~tokenledger.writer.BatchWriter`, kept here so that the
+`OutageHandling` is a part of `~tokenledger._writer.BatchWriter`, kept here so that the
 writer's module is its public methods and its thread; the attributes it declares are
 the writer's, set up by ``BatchWriter.__init__`` and ``_reset``.
 """
@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from tokenledger._batch import Batch, FlushMarker, Row, record_row
 
 if TYPE_CHECKING:
-    from tokenledger import spool as _spool
+    from tokenledger import _spool
+    from tokenledger._writer import Durability, WriterStats
     from tokenledger._writes import LedgerWrites
-    from tokenledger.writer import Durability, WriterStats
 
 __all__ = ["OutageHandling"]
 

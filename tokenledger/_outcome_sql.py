@@ -22,9 +22,9 @@ from tokenledger._outcomes import OutcomeEconomics, OutcomeRow, parse_success, r
 from tokenledger._read_sql import call_sums, in_window, raw_rows, reading, root_runs
 from tokenledger._report_sql import FIGURES
 from tokenledger._reporting import window
+from tokenledger._storage import calls as calls_table
+from tokenledger._storage import runs as runs_table
 from tokenledger.exceptions import ConfigurationError
-from tokenledger.storage import calls as calls_table
-from tokenledger.storage import runs as runs_table
 
 __all__ = [
     "PERCENTILES",

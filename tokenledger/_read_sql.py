@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tokenledger.storage import runs as runs_table
+from tokenledger._storage import runs as runs_table
 
 __all__ = ["call_sums", "in_window", "raw_rows", "reading", "root_runs", "unpriced_count"]
 

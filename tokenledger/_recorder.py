@@ -31,12 +31,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tokenledger._enforcer import BudgetEnforcer
+    from tokenledger._spans import Telemetry
+    from tokenledger._writer import BatchWriter
     from tokenledger.capture import PendingCall
     from tokenledger.pricing import PriceBook
     from tokenledger.records import CallRecord, PriceRecord, RunRecord, TokenUsage
     from tokenledger.runs import Run
-    from tokenledger.spans import Telemetry
-    from tokenledger.writer import BatchWriter
 
 __all__ = ["MAX_TEXT_LENGTH", "CallRecorder", "Recorder", "bound_text"]
 

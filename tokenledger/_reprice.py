@@ -21,13 +21,13 @@ import sqlalchemy as sa
 from tokenledger._money import from_driver, quantize
 from tokenledger._read_sql import in_window, unpriced_count
 from tokenledger._reporting import window
+from tokenledger._storage import calls as calls_table
+from tokenledger._storage import prices as prices_table
+from tokenledger._storage import runs as runs_table
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.pricing import PriceBook, default_price_book
 from tokenledger.records import PriceRecord, TokenUsage
 from tokenledger.semconv import OP_EXECUTE_TOOL
-from tokenledger.storage import calls as calls_table
-from tokenledger.storage import prices as prices_table
-from tokenledger.storage import runs as runs_table
 
 __all__ = [
     "ESTIMATE_NOTE",

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 
-from tokenledger import storage
+from tokenledger import _storage as storage
 from tokenledger._budget_scope import (
     EMPTY_WINDOW,
     NOTHING,

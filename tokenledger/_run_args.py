@@ -1,4 +1,5 @@
-"""Checking what users pass to runs: names, tags, outcomes, amounts and run budgets.
+"""Checking what users pass to runs and calls: names, tags, outcomes, amounts, run
+budgets, and the figures of a call recorded by hand.
 
 Every check raises `ConfigurationError` with a message that names the argument, shows the
 bad value (cut short when it is long: a megabyte-long tag must not be echoed whole) and
@@ -7,17 +8,20 @@ says what would be accepted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from decimal import Decimal
 
-from tokenledger._money import AmountError, parse_usd
-from tokenledger.exceptions import ConfigurationError
+from tokenledger._money import MAX_USD, AmountError, parse_usd
+from tokenledger.exceptions import ConfigurationError, UsageError
 
 __all__ = [
     "check_run_budget",
     "check_run_name",
+    "latency_ms",
     "parse_outcome",
     "parse_usd_amount",
+    "reported_cost",
     "shown",
     "validate_tags",
 ]
@@ -131,3 +135,37 @@ def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str,
             )
         clean[key] = text
     return clean
+
+
+def reported_cost(value: object) -> Decimal | None:
+    """``record_call``'s ``cost_usd``: a cost the provider reported, exactly."""
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isfinite(value):
+        value = repr(value)  # the shortest text that round-trips: 0.0123, not its binary
+    try:
+        return parse_usd(value)
+    except AmountError:
+        raise UsageError(
+            f"`cost_usd` is {shown(value)}; a reported cost must be a finite amount of US "
+            f'dollars from 0 to {MAX_USD:,}, e.g. "0.0123".'
+        ) from None
+
+
+def latency_ms(value: object) -> float | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= _MAX_LATENCY_MS
+    ):
+        raise UsageError(
+            f"`latency_ms` is {shown(value)}; give the call's duration in milliseconds, a "
+            f"number from 0 to {_MAX_LATENCY_MS:,} (a week)."
+        )
+    return float(value)
+
+
+_MAX_LATENCY_MS = 7 * 24 * 3600 * 1000

@@ -40,10 +40,10 @@ from tokenledger._reprice import (
     reprice,
     target_price,
 )
+from tokenledger._storage import calls as calls_table
+from tokenledger._storage import runs as runs_table
 from tokenledger.exceptions import ConfigurationError
 from tokenledger.semconv import OP_EXECUTE_TOOL
-from tokenledger.storage import calls as calls_table
-from tokenledger.storage import runs as runs_table
 
 __all__ = [
     "DAYS_PER_MONTH",

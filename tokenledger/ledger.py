@@ -8,35 +8,31 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from tokenledger import capture as _capture
-from tokenledger._money import MAX_USD, AmountError, parse_usd
 from tokenledger._recorder import Recorder
-from tokenledger._run_args import shown
+from tokenledger._run_args import latency_ms as checked_latency
+from tokenledger._run_args import reported_cost, shown
+from tokenledger._spans import Telemetry
+from tokenledger._startup import check_schema, connect_in_background
 from tokenledger.exceptions import (
     ConfigurationError,
     LedgerError,
-    SchemaVersionError,
-    UsageError,
 )
 from tokenledger.records import CallRecord, PriceRecord, new_call, utcnow
 from tokenledger.runs import Run, RunContext, agent_decorator, current_run, new_run_context
-from tokenledger.spans import Telemetry
 
 if TYPE_CHECKING:
     import sqlalchemy
 
+    from tokenledger._writer import BatchWriter
     from tokenledger.budgets import Budget, BudgetStatus
     from tokenledger.pricing import PriceBook
     from tokenledger.queries import OutcomeEconomics, ReportRow
-    from tokenledger.writer import BatchWriter
 
 __all__ = ["Ledger", "configure", "default_ledger"]
 
@@ -102,9 +98,9 @@ class Ledger:
         budget_timeout: float = 2.0,
         startup_timeout: float = 5.0,
     ) -> None:
-        from tokenledger import storage
+        from tokenledger import _storage as storage
         from tokenledger._enforcer import BudgetEnforcer
-        from tokenledger.writer import BatchWriter
+        from tokenledger._writer import BatchWriter
 
         if not isinstance(flush_interval, (int, float)) or not 0 < flush_interval <= 3600:
             raise ConfigurationError(
@@ -128,7 +124,7 @@ class Ledger:
                 )
         self._engine: sqlalchemy.Engine = storage.create_engine_for(url)
         #: False while the database has not answered since start-up (see `startup_timeout`).
-        self.connected = self._check_schema(float(startup_timeout))
+        self.connected = check_schema(self._engine, float(startup_timeout))
         writer = BatchWriter(
             self._engine,
             max_delay=float(flush_interval),
@@ -162,9 +158,9 @@ class Ledger:
             # outage keeps enforcing the last budgets seen.
             self._read_budgets()
         else:
-            threading.Thread(
-                target=self._connect_in_background, name="tokenledger-connect", daemon=True
-            ).start()
+            connect_in_background(
+                self._engine, stopped=lambda: self._closed, connected=self._connected
+            )
         if capture:
             _capture.set_capture_ledger(self)
             from tokenledger import _litellm
@@ -172,65 +168,9 @@ class Ledger:
             _litellm.install_when_imported()
 
     # -- start-up ---------------------------------------------------------------------
-    def _check_schema(self, timeout: float) -> bool:
-        """Check (or create) the schema, waiting at most ``timeout`` seconds. True when
-        done; False when the database is unreachable or did not answer in time.
-
-        A wrong schema revision is a configuration error and raises at once.
-        """
-        from tokenledger import schema
-
-        outcome: list[BaseException | None] = []
-        worker = threading.Thread(
-            target=lambda: outcome.append(_attempt(schema.ensure_schema, self._engine)),
-            name="tokenledger-schema",
-            daemon=True,
-        )
-        worker.start()
-        worker.join(timeout)
-        if not outcome:
-            logger.warning(
-                "tokenledger starts without its database: %s did not answer within %g s. "
-                "Rows are kept and spooled, budgeted calls follow the failure policy, and "
-                "the schema is checked again in the background.",
-                self.url,
-                timeout,
-            )
-            return False
-        error = outcome[0]
-        if error is None:
-            return True
-        if not _unreachable(self._engine, error):
-            raise error
-        logger.warning(
-            "tokenledger starts without its database (%s). Rows are kept and spooled, "
-            "budgeted calls follow the failure policy, and the schema is checked again in "
-            "the background.",
-            error,
-        )
-        return False
-
-    def _connect_in_background(self) -> None:
-        """Retry the schema check until the database answers (degraded start-up)."""
-        from tokenledger import schema
-
-        delay = 0.5
-        while not self._closed:
-            error = _attempt(schema.ensure_schema, self._engine)
-            if error is None:
-                self._read_budgets()
-                self.connected = True
-                logger.warning("tokenledger reached its database at %s", self.url)
-                return
-            if not _unreachable(self._engine, error):
-                logger.error(
-                    "tokenledger reached its database but cannot use it: %s; rows stay in "
-                    "the spool until this is fixed",
-                    error,
-                )
-                return
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
+    def _connected(self) -> None:
+        self._read_budgets()
+        self.connected = True
 
     def _read_budgets(self) -> None:
         try:
@@ -242,14 +182,14 @@ class Ledger:
     @property
     def url(self) -> str:
         """The database URL, with any password hidden."""
-        from tokenledger.storage import redact_url
+        from tokenledger._storage import redact_url
 
         return redact_url(self._engine.url)
 
     @property
     def path(self) -> str | None:
         """The SQLite file of this ledger, or None for a server database."""
-        from tokenledger.storage import database_path
+        from tokenledger._storage import database_path
 
         return database_path(self._engine.url)
 
@@ -450,7 +390,7 @@ class Ledger:
         import sqlalchemy as sa
 
         from tokenledger._run_args import parse_outcome
-        from tokenledger.storage import runs
+        from tokenledger._storage import runs
 
         label, amount = parse_outcome(label, value)
         self.flush()  # the run may still be in this process's buffer
@@ -510,8 +450,8 @@ class Ledger:
             raise ConfigurationError(
                 f"`model` is {shown(model)}; name the model the call used, e.g. 'gpt-4o-mini'."
             )
-        cost_usd = _reported_cost(cost_usd)
-        latency_ms = _latency(latency_ms)
+        cost_usd = reported_cost(cost_usd)
+        latency_ms = checked_latency(latency_ms)
         run = current_run()
         call = new_call(run, operation=operation, model=model, streamed=streamed)
         return self.recorder.record_finished(
@@ -550,72 +490,6 @@ class Ledger:
 
     def __repr__(self) -> str:
         return f"<Ledger {self.url}>"
-
-
-def _unreachable(engine: sqlalchemy.Engine, error: BaseException) -> bool:
-    """Whether ``error`` says the database server could not be reached (start degraded),
-    rather than that it answered with a refusal (a wrong database name, password or
-    schema revision: a mistake that waiting will not fix, raised at once).
-
-    A PostgreSQL server that answers gives a SQLSTATE, or a "FATAL:" message while
-    connecting; a refused, reset or timed-out connection has neither. A SQLite file
-    that cannot be opened is a local mistake.
-    """
-    if isinstance(error, SchemaVersionError) or not isinstance(error, LedgerError):
-        return False
-    if engine.dialect.name != "postgresql":
-        return False
-    cause = getattr(error.__cause__, "orig", None)
-    if getattr(cause, "sqlstate", None) is not None:
-        return False
-    # An error the server sent while the connection was being set up (no such
-    # database, a wrong password) comes as libpq's text with the server's "FATAL:".
-    return "FATAL:" not in str(cause)
-
-
-def _attempt(
-    work: Callable[[sqlalchemy.Engine], object], engine: sqlalchemy.Engine
-) -> BaseException | None:
-    """Run ``work(engine)``; the exception it raised, or None."""
-    try:
-        work(engine)
-    except BaseException as exc:
-        return exc
-    return None
-
-
-def _reported_cost(value: object) -> Decimal | None:
-    """``record_call``'s ``cost_usd``: a cost the provider reported, exactly."""
-    if value is None:
-        return None
-    if isinstance(value, float) and math.isfinite(value):
-        value = repr(value)  # the shortest text that round-trips: 0.0123, not its binary
-    try:
-        return parse_usd(value)
-    except AmountError:
-        raise UsageError(
-            f"`cost_usd` is {shown(value)}; a reported cost must be a finite amount of US "
-            f'dollars from 0 to {MAX_USD:,}, e.g. "0.0123".'
-        ) from None
-
-
-def _latency(value: object) -> float | None:
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not 0 <= value <= _MAX_LATENCY_MS
-    ):
-        raise UsageError(
-            f"`latency_ms` is {shown(value)}; give the call's duration in milliseconds, a "
-            f"number from 0 to {_MAX_LATENCY_MS:,} (a week)."
-        )
-    return float(value)
-
-
-_MAX_LATENCY_MS = 7 * 24 * 3600 * 1000
 
 
 # -- the process-wide default ledger ---------------------------------------------------
@@ -657,7 +531,7 @@ def configure(
     .. versionadded:: 0.1.0
     """
     global _default
-    from tokenledger import spans
+    from tokenledger import _spans as spans
 
     if otlp_endpoint is not None:
         spans.setup_otlp(otlp_endpoint, service_name=service_name, headers=otlp_headers)

@@ -81,9 +81,9 @@ from tokenledger._reporting import (
 from tokenledger._reporting import UTC as _UTC
 from tokenledger._reporting import report_rows as _report_rows
 from tokenledger._reporting import window as _window
+from tokenledger._storage import calls as calls_table
+from tokenledger._storage import runs as runs_table
 from tokenledger.exceptions import ConfigurationError
-from tokenledger.storage import calls as calls_table
-from tokenledger.storage import runs as runs_table
 
 __all__ = [
     "PERCENTILES",

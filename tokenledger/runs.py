@@ -313,7 +313,7 @@ class Run:
 
 
 def _ids(span: trace.Span) -> tuple[str | None, str | None]:
-    from tokenledger.spans import ids_of
+    from tokenledger._spans import ids_of
 
     return ids_of(span)
 

@@ -5,7 +5,7 @@ Revises:
 Create Date: 2026-11-23
 
 Append-only: never edit this revision once it has landed; write a new one. It spells
-out every type instead of importing tokenledger.storage, so later changes to the code's
+out every type instead of importing tokenledger._storage, so later changes to the code's
 metadata cannot change what this revision creates.
 """
 

@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.text import Text
 
-from tokenledger import Ledger, schema, storage
+from tokenledger import Ledger
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
 from tokenledger.cli import _render, cli
 from tokenledger.cli.reports import REPORT_CAPTION, report_table
 from tokenledger.pricing import PriceBook
@@ -459,7 +461,7 @@ NOT_FOR_READING = (
     "tokenledger.capture",
     "tokenledger.ledger",
     "tokenledger.runs",
-    "tokenledger.spans",
+    "tokenledger._spans",
     "tokenledger.writer",
 )
 

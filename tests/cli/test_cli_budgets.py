@@ -18,7 +18,9 @@ import litellm
 import pytest
 from click.testing import CliRunner, Result
 
-from tokenledger import Ledger, schema, storage
+from tokenledger import Ledger
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
 from tokenledger.budgets import window_bounds
 from tokenledger.cli import cli
 from tokenledger.testing import mock_response

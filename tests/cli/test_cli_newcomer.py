@@ -21,10 +21,11 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from tokenledger import Ledger, storage
+from tokenledger import Ledger
+from tokenledger import _storage as storage
+from tokenledger._demo import DEMO_TAGS
 from tokenledger.cli import cli
 from tokenledger.cli.demo import DEMO_FILENAME
-from tokenledger.demo import DEMO_TAGS
 from tokenledger.pricing import PriceBook
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 from test_reports_queries import HandLedger
 
-from tokenledger import Ledger, storage
+from tokenledger import Ledger
+from tokenledger import _storage as storage
 from tokenledger.cli import cli
 from tokenledger.economics import ESTIMATE_NOTE
 from tokenledger.pricing import PriceBook

@@ -28,9 +28,10 @@ import pytest
 import sqlalchemy as sa
 from faults import PgProxy, pg_proxy
 
-from tokenledger import schema, storage
+from tokenledger import _schema as schema
+from tokenledger import _storage as storage
+from tokenledger._writer import BatchWriter
 from tokenledger.records import CallRecord, new_id, utcnow
-from tokenledger.writer import BatchWriter
 
 __all__ = ["pg_proxy"]  # a fixture, imported to be used
 
@@ -185,9 +186,9 @@ HUNG_WORKER = textwrap.dedent(
     """
     import sys, time
     from decimal import Decimal
-    from tokenledger import storage
+    from tokenledger import _storage as storage
     from tokenledger.records import CallRecord, new_id, utcnow
-    from tokenledger.writer import BatchWriter
+    from tokenledger._writer import BatchWriter
     url, spool_dir, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     writer = BatchWriter(storage.create_engine_for(url), max_delay=0.2, spool_dir=spool_dir)
     def a_call():
@@ -286,7 +287,7 @@ def test_a_write_to_a_stalled_server_fails_within_its_timeouts_and_resumes(
     after WRITE_TIMEOUT + the grace, a new connection gives up after CONNECT_TIMEOUT.
     Once the server answers again everything put is written. (The timeouts are made
     short here; they are 30 + 5 s and 10 s by default.)"""
-    from tokenledger import writer as writer_module
+    from tokenledger import _writer as writer_module
 
     monkeypatch.setattr(writer_module, "WRITE_TIMEOUT", 1.0)
     monkeypatch.setattr(writer_module, "_ABORT_GRACE", 0.5)
@@ -387,9 +388,9 @@ def test_a_deleted_sqlite_ledger_is_recreated_and_said_once(
 FULL_SPOOL_WORKER = textwrap.dedent(
     """
     import resource, signal, sys, time
-    from tokenledger import storage, writer as writer_module
+    from tokenledger import _storage as storage, _writer as writer_module
     from tokenledger.records import CallRecord, new_id, utcnow
-    from tokenledger.writer import BatchWriter
+    from tokenledger._writer import BatchWriter
     fault, url, spool_dir, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     writer_module.EXIT_FLUSH_TIMEOUT = 1.0
     writer = BatchWriter(storage.create_engine_for(url), max_delay=0.05, spool_dir=spool_dir)
@@ -501,7 +502,7 @@ def test_a_failing_spool_never_spools_a_row_twice_and_says_what_is_lost(
 def plant_segment(engine: sa.Engine, spool_dir: Path) -> tuple[Path, str]:
     """A genuine orphaned segment of the ledger holding one $999,999.99 call, as a dead
     process would leave it; returns its path and the call's id."""
-    from tokenledger.spool import Spool, ledger_key, spool_directory
+    from tokenledger._spool import Spool, ledger_key, spool_directory
 
     spool = Spool(spool_directory(engine.url, spool_dir), ledger_key(engine.url), durable=True)
     call = a_call()

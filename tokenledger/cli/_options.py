@@ -325,7 +325,7 @@ def filter_options(*, success: bool) -> Callable[[F], F]:
 
 def resolve_url(db_url: str | None) -> tuple[str, str | None]:
     """The URL to use and its SQLite path (None for a server), or a usage error."""
-    from tokenledger import storage
+    from tokenledger import _storage as storage
 
     url = db_url or storage.default_url()
     try:
@@ -370,7 +370,7 @@ def existing_url(db_url: str | None) -> tuple[str, str | None]:
 
 
 def engine_for(url: str) -> sa.Engine:
-    from tokenledger import storage
+    from tokenledger import _storage as storage
 
     return storage.create_engine_for(url)
 
@@ -393,7 +393,7 @@ def open_for_reading(db_url: str | None) -> sa.Engine | None:
     Never creates a file or a table: a missing SQLite file is an error, an empty
     database is an empty ledger, and one at another revision raises `SchemaVersionError`.
     """
-    from tokenledger import schema
+    from tokenledger import _schema as schema
 
     url, path = existing_url(db_url)
     if path is not None and os.path.isfile(path) and os.path.getsize(path) == 0:
@@ -420,7 +420,7 @@ def open_for_reading(db_url: str | None) -> sa.Engine | None:
 def _has_ledger_tables(engine: sa.Engine) -> bool:
     import sqlalchemy as sa
 
-    from tokenledger.schema import LEDGER_TABLES
+    from tokenledger._schema import LEDGER_TABLES
 
     with engine.connect() as connection:
         return bool(set(sa.inspect(connection).get_table_names()) & set(LEDGER_TABLES))

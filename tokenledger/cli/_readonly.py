@@ -1,7 +1,7 @@
 """Reading a SQLite ledger that cannot be written: on read-only media, in a directory
 the user may not write, or a file marked immutable.
 
-tokenledger's engines (`tokenledger.storage.create_engine_for`) put every connection in
+tokenledger's engines (`tokenledger._storage.create_engine_for`) put every connection in
 WAL mode, and reading a WAL database makes SQLite create its ``-shm`` and ``-wal``
 files next to it: on read-only media even ``?mode=ro`` fails ("unable to open database
 file"). Reading commands therefore open a file they cannot write themselves, first as

@@ -223,7 +223,7 @@ def budgets_set(
     Replacing a budget keeps what its current window has spent. Creates the ledger if
     there is none yet. Example: tokenledger budgets set user:42 --usd 5 --per day
     """
-    from tokenledger import schema
+    from tokenledger import _schema as schema
     from tokenledger.budgets import parse_shared_budget
 
     chain = [m.strip() for m in downgrade_to.split(",")] if downgrade_to is not None else []

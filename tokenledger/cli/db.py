@@ -39,7 +39,7 @@ def path_command(db_url: str | None) -> None:
 
     Open it with other tools: sqlite3 "$(tokenledger path)".
     """
-    from tokenledger.storage import redact_url
+    from tokenledger._storage import redact_url
 
     url, file = resolve_url(db_url)
     click.echo(file if file is not None else redact_url(url))
@@ -52,9 +52,9 @@ def path_command(db_url: str | None) -> None:
 @json_option
 def status_command(db_url: str | None, as_json: bool) -> None:
     """Where the ledger is, its schema revision, and what it holds."""
-    from tokenledger import schema
+    from tokenledger import _schema as schema
+    from tokenledger._storage import redact_url
     from tokenledger.queries import counts
-    from tokenledger.storage import redact_url
 
     url, path = existing_url(db_url)
     engine = reading_engine(url, path)
@@ -121,8 +121,8 @@ def _revision_text(revision: str | None) -> str:
 
 
 def _migrate(db_url: str | None, action: str, revision: str) -> None:
-    from tokenledger import schema
-    from tokenledger.storage import redact_url
+    from tokenledger import _schema as schema
+    from tokenledger._storage import redact_url
 
     # Only an upgrade may create the ledger it migrates.
     url, path = resolve_url(db_url) if action == "upgrade" else existing_url(db_url)
@@ -172,7 +172,7 @@ def db_stamp(revision: str, db_url: str | None) -> None:
 @db_option
 def db_current(db_url: str | None) -> None:
     """Print the ledger's schema revision and the one this tokenledger needs."""
-    from tokenledger import schema
+    from tokenledger import _schema as schema
 
     url, path = existing_url(db_url)
     engine = reading_engine(url, path)

@@ -1,7 +1,7 @@
 """``tokenledger demo``: record an offline multi-step agent workflow in the ledger and
 report what it cost.
 
-The only command that imports litellm (through `tokenledger.demo`), inside the command:
+The only command that imports litellm (through `tokenledger._demo`), inside the command:
 the demo's calls are real litellm calls answered by mock responses.
 
 The demo records into its own ledger, ``tokenledger-demo.db`` in the current directory,
@@ -53,7 +53,7 @@ def demo(db_url: str | None, runs: int, seed: int) -> None:
     Records into ./tokenledger-demo.db, never into $TOKENLEDGER_DATABASE_URL, unless
     --db names a ledger; its runs are tagged demo=true.
     """
-    from tokenledger.demo import run_demo
+    from tokenledger._demo import run_demo
     from tokenledger.ledger import Ledger
     from tokenledger.queries import report
 

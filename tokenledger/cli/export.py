@@ -53,7 +53,7 @@ def _export_rows(
     """Every row of ``what`` in the window, oldest first, streamed in chunks of 1,000."""
     import sqlalchemy as sa
 
-    from tokenledger import storage
+    from tokenledger import _storage as storage
 
     table = storage.runs if what == "runs" else storage.calls
     query = sa.select(table).order_by(table.c.started_at, table.c.id)
@@ -70,7 +70,7 @@ def _export_rows(
 
 
 def _columns(what: str) -> list[str]:
-    from tokenledger import storage
+    from tokenledger import _storage as storage
 
     table = storage.runs if what == "runs" else storage.calls
     return [column.name for column in table.columns]

@@ -11,7 +11,7 @@ from the spool by another process, can never duplicate a row or undo a newer sta
 
 Calls, nearly every row, bypass SQLAlchemy's per-row work: they travel as tuples and are
 written with one precompiled ``INSERT ... ON CONFLICT (id) DO NOTHING``, their values
-converted exactly as the column types convert them (`tokenledger.storage.DriverInsert`).
+converted exactly as the column types convert them (`tokenledger._storage.DriverInsert`).
 On PostgreSQL the calls of a batch never tried before are COPYed instead, in a savepoint;
 COPY cannot skip a known id, so a batch it refuses, and every retried or replayed batch,
 is inserted with ON CONFLICT DO NOTHING.
@@ -20,7 +20,7 @@ Faults (see docs/reliability.md for what is guaranteed and the tests that prove 
 
 * **The database goes away.** Nothing is raised into the caller. The writer retries
   with backoff; from the second failed attempt on it moves the rows it holds to the
-  local spool (`tokenledger.spool`), so a long outage costs disk, not memory, and a
+  local spool (`tokenledger._spool`), so a long outage costs disk, not memory, and a
   crash during it loses little. Once the database is back the spool is replayed and
   removed.
 * **The database hangs** (answers nothing). The writer's own engine has bounded waits
@@ -58,7 +58,7 @@ from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 
-from tokenledger import spool as _spool
+from tokenledger import _spool
 from tokenledger._batch import Batch, FlushMarker, Row, call_values, record_row
 from tokenledger._engine import WriterEngine, check_dialect
 from tokenledger._outage import OutageHandling
@@ -183,7 +183,7 @@ class BatchWriter(OutageHandling):
     """Writes runs, calls and prices to the ledger from a background thread.
 
     Args:
-        engine: an engine from `tokenledger.storage.create_engine_for` (SQLite or
+        engine: an engine from `tokenledger._storage.create_engine_for` (SQLite or
             PostgreSQL) whose schema is at head.
         max_delay: the longest, in seconds, a row waits in memory before the writer
             thread tries to write it.
@@ -256,7 +256,7 @@ class BatchWriter(OutageHandling):
         check_dialect(
             engine.dialect.name,
             who="the batch writer",
-            advice=" Make the engine with tokenledger.storage.create_engine_for.",
+            advice=" Make the engine with tokenledger._storage.create_engine_for.",
         )
         # The writer's own engine on the same ledger: its connections carry timeouts
         # the ledger's reads must not have, and it can be aborted from the watchdog.
@@ -601,7 +601,7 @@ class BatchWriter(OutageHandling):
         Raises `Outage` when that fails (the directory is gone, say): the rows are kept
         and spooled, and retried, as in any outage.
         """
-        from tokenledger import schema  # loads Alembic: only in this rare case
+        from tokenledger import _schema as schema  # loads Alembic: only in this rare case
 
         path = self._db.sqlite_path
         self._db.dispose()

@@ -63,7 +63,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tokenledger import storage
+from tokenledger import _storage as storage
 from tokenledger._engine import SECRET_QUERY_KEYS
 
 try:  # POSIX; on Windows orphans are recognised by their writer's pid instead
@@ -347,7 +347,7 @@ def _make_directories(directory: Path) -> None:
 
 
 class Spool:
-    """The spool of one ledger, as seen by one `~tokenledger.writer.BatchWriter`.
+    """The spool of one ledger, as seen by one `~tokenledger._writer.BatchWriter`.
 
     `append` may be called from any thread; the rest (`seal`, `read`, `remove`,
     `claim_orphans`, `release`) from the writer's thread, or when it is stopped.

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from tokenledger._location import KNOWN_REVISIONS, VERSION_TABLE
+from tokenledger._storage import redact_url
 from tokenledger.exceptions import LedgerError, SchemaVersionError
-from tokenledger.storage import redact_url
 
 if TYPE_CHECKING:
     from alembic.config import Config
