@@ -186,15 +186,9 @@ class PendingCall:
         given); releases its budget reservation."""
         if not self.claim():
             return
-        parsed = None
-        if usage is not None:
-            try:
-                parsed = usage_from_response(usage)
-            except UsageError:
-                parsed = None
         self.finish(
             status="error",
-            usage=parsed,
+            usage=_partial_usage(usage),
             model=None,
             error_type=type(exception).__name__ if exception is not None else "UnknownError",
         )
@@ -203,13 +197,7 @@ class PendingCall:
         """Record a stream its caller stopped reading."""
         if not self.claim():
             return
-        parsed = None
-        if usage is not None:
-            try:
-                parsed = usage_from_response(usage)
-            except UsageError:
-                parsed = None
-        self.finish(status="abandoned", usage=parsed, model=None, estimated=True)
+        self.finish(status="abandoned", usage=_partial_usage(usage), model=None, estimated=True)
 
     def claim(self) -> bool:
         """True exactly once: the first outcome wins, duplicates are dropped."""
@@ -305,6 +293,17 @@ class PendingCall:
         call.provider = provider_name(self.provider) or call.provider
         self.attempts += 1
         self.recorder.complete_call(self, provider_cost=provider_cost, usage=usage)
+
+
+def _partial_usage(usage: Any) -> TokenUsage | None:
+    """The usage a failed or abandoned call reports, when it has a readable one: a
+    partial usage is a best effort, so an unreadable one counts as none."""
+    if usage is None:
+        return None
+    try:
+        return usage_from_response(usage)
+    except UsageError:
+        return None
 
 
 # -- where captured calls go -------------------------------------------------------------
