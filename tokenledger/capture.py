@@ -136,6 +136,10 @@ class PendingCall:
         Raises `BudgetExceeded` (send nothing) or sets `model_to_send` to a cheaper model.
         """
         self.recorder.before_call(self, self.request if request is None else request)
+        # The call's latency is the provider's: it starts once the reservation is made,
+        # which may have waited on the database or imported a tokenizer (seconds, once).
+        self.start_ns = time.time_ns()
+        self.start_perf = time.perf_counter()
 
     def release(self) -> None:
         """The request will not be sent: give back what was reserved for it."""

@@ -8,7 +8,11 @@ Every test writes through a real ledger on SQLite and on PostgreSQL (conftest's
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from helpers import calls_of
@@ -111,3 +115,31 @@ def test_a_row_the_database_refuses_for_its_size_is_set_aside_not_retried_foreve
     else:  # SQLite has no index entry limit: the row is simply stored
         assert 51 == len(calls)
         assert 0 == writer.stats.rejected
+
+
+def test_a_calls_latency_is_the_providers_not_the_reservations(tmp_path: Path) -> None:
+    """The first budgeted call of a process imports litellm's tokenizer to count its
+    input (seconds); that wait is tokenledger's, and must not be recorded as the
+    provider's latency. Run in a fresh process, where litellm is not yet imported."""
+    code = (
+        "import sys, time, tokenledger as tl\n"
+        "from tokenledger.capture import begin_call\n"
+        f"ledger = tl.Ledger({f'sqlite:///{tmp_path}/l.db'!r})\n"
+        "ledger.set_budget('global', usd='5')\n"
+        "with ledger.run('agent'):\n"
+        "    started = time.perf_counter()\n"
+        "    pending = begin_call(operation='chat', model='gpt-4o-mini', provider='openai',\n"
+        "        request={'messages': [{'role': 'user', 'content': 'hi'}]}, max_tokens=10)\n"
+        "    reserving = time.perf_counter() - started\n"
+        "    pending.succeed({'prompt_tokens': 5, 'completion_tokens': 2})\n"
+        "print(reserving, 'litellm' in sys.modules, pending.call.latency_ms)\n"
+        "ledger.close()\n"
+    )
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    reserving, imported, latency_ms = float(out[0]), out[1], float(out[2])
+    assert "True" == imported
+    assert reserving > 0.3  # the tokenizer's import was paid during the reservation
+    assert latency_ms < 100.0
