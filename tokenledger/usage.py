@@ -141,8 +141,6 @@ def _from_chat(get: Getter, prompt: object, completion: object) -> TokenUsage:
     # and Bedrock Converse's `transform_usage` does the same, so the cache fields copied
     # onto the object are parts of `prompt_tokens`, never additions to it.
     # tests/test_usage.py runs the real transformation to keep this true.
-    input_tokens = _count("prompt_tokens", prompt)
-    output_tokens = _count("completion_tokens", completion)
 
     # Cache reads: Anthropic's name first (litellm sets it for Anthropic and Bedrock),
     # then OpenAI's detail, then DeepSeek's raw field.
@@ -180,16 +178,11 @@ def _from_chat(get: Getter, prompt: object, completion: object) -> TokenUsage:
         reasoning_raw = get(reasoning_field)
 
     return _checked(
-        input_tokens=input_tokens,
-        input_field="prompt_tokens",
-        output_tokens=output_tokens,
-        output_field="completion_tokens",
-        cache_read=_count(read_field, read_raw),
-        read_field=read_field,
-        cache_write=_count(write_field, write_raw),
-        write_field=write_field,
-        reasoning=_count(reasoning_field, reasoning_raw),
-        reasoning_field=reasoning_field,
+        ("prompt_tokens", prompt),
+        ("completion_tokens", completion),
+        cache_read=(read_field, read_raw),
+        cache_write=(write_field, write_raw),
+        reasoning=(reasoning_field, reasoning_raw),
     )
 
 
@@ -203,16 +196,11 @@ def _from_responses(
         cached, cache_write = detail("cached_tokens"), detail("cache_write_tokens")
     reasoning = None if output_details is None else _reader(output_details)("reasoning_tokens")
     return _checked(
-        input_tokens=_count("input_tokens", input_raw),
-        input_field="input_tokens",
-        output_tokens=_count("output_tokens", output_raw),
-        output_field="output_tokens",
-        cache_read=_count("input_tokens_details.cached_tokens", cached),
-        read_field="input_tokens_details.cached_tokens",
-        cache_write=_count("input_tokens_details.cache_write_tokens", cache_write),
-        write_field="input_tokens_details.cache_write_tokens",
-        reasoning=_count("output_tokens_details.reasoning_tokens", reasoning),
-        reasoning_field="output_tokens_details.reasoning_tokens",
+        ("input_tokens", input_raw),
+        ("output_tokens", output_raw),
+        cache_read=("input_tokens_details.cached_tokens", cached),
+        cache_write=("input_tokens_details.cache_write_tokens", cache_write),
+        reasoning=("output_tokens_details.reasoning_tokens", reasoning),
     )
 
 
@@ -258,69 +246,65 @@ def _from_canonical(get: Getter, input_raw: object, output_raw: object) -> Token
     if cache_write is None:
         cache_write = get("cache_creation_input_tokens")
     return _checked(
-        input_tokens=_count("input_tokens", input_raw),
-        input_field="input_tokens",
-        output_tokens=_count("output_tokens", output_raw),
-        output_field="output_tokens",
-        cache_read=_count("cache_read_tokens", cache_read),
-        read_field="cache_read_tokens",
-        cache_write=_count("cache_write_tokens", cache_write),
-        write_field="cache_write_tokens",
-        reasoning=_count("reasoning_tokens", get("reasoning_tokens")),
-        reasoning_field="reasoning_tokens",
+        ("input_tokens", input_raw),
+        ("output_tokens", output_raw),
+        cache_read=("cache_read_tokens", cache_read),
+        cache_write=("cache_write_tokens", cache_write),
+        reasoning=("reasoning_tokens", get("reasoning_tokens")),
     )
 
 
 def _from_token_usage(usage: TokenUsage) -> TokenUsage:
     return _checked(
-        input_tokens=_count("input_tokens", usage.input_tokens),
-        input_field="input_tokens",
-        output_tokens=_count("output_tokens", usage.output_tokens),
-        output_field="output_tokens",
-        cache_read=_count("cache_read_tokens", usage.cache_read_tokens),
-        read_field="cache_read_tokens",
-        cache_write=_count("cache_write_tokens", usage.cache_write_tokens),
-        write_field="cache_write_tokens",
-        reasoning=_count("reasoning_tokens", usage.reasoning_tokens),
-        reasoning_field="reasoning_tokens",
+        ("input_tokens", usage.input_tokens),
+        ("output_tokens", usage.output_tokens),
+        cache_read=("cache_read_tokens", usage.cache_read_tokens),
+        cache_write=("cache_write_tokens", usage.cache_write_tokens),
+        reasoning=("reasoning_tokens", usage.reasoning_tokens),
     )
 
 
 # -- validation ---------------------------------------------------------------------------
+_Field = tuple[str, object]  # a usage field's name (for errors) and its raw value
+
+
 def _checked(
+    total_input: _Field,
+    total_output: _Field,
     *,
-    input_tokens: int,
-    input_field: str,
-    output_tokens: int,
-    output_field: str,
-    cache_read: int,
-    read_field: str,
-    cache_write: int,
-    write_field: str,
-    reasoning: int,
-    reasoning_field: str,
+    cache_read: _Field,
+    cache_write: _Field,
+    reasoning: _Field,
 ) -> TokenUsage:
-    """Check that the parts fit inside their totals, then build the `TokenUsage`."""
-    if cache_read + cache_write > input_tokens:
-        if not cache_write:
-            parts = f"Usage field `{read_field}` is {cache_read}"
-        elif not cache_read:
-            parts = f"Usage field `{write_field}` is {cache_write}"
+    """Count each field (in this order: the first bad one is the one reported), check
+    that the parts fit inside their totals, then build the `TokenUsage`."""
+    (input_field, input_raw), (output_field, output_raw) = total_input, total_output
+    (read_field, read_raw), (write_field, write_raw) = cache_read, cache_write
+    reasoning_field, reasoning_raw = reasoning
+    input_tokens = _count(input_field, input_raw)
+    output_tokens = _count(output_field, output_raw)
+    read, write = _count(read_field, read_raw), _count(write_field, write_raw)
+    reasoned = _count(reasoning_field, reasoning_raw)
+    if read + write > input_tokens:
+        if not write:
+            parts = f"Usage field `{read_field}` is {read}"
+        elif not read:
+            parts = f"Usage field `{write_field}` is {write}"
         else:
             parts = (
-                f"Usage fields `{read_field}` ({cache_read}) and `{write_field}` "
-                f"({cache_write}) add up to {cache_read + cache_write}"
+                f"Usage fields `{read_field}` ({read}) and `{write_field}` "
+                f"({write}) add up to {read + write}"
             )
         raise UsageError(
             f"{parts}, more than the {input_tokens} input tokens in `{input_field}`; "
             "cache reads and writes must be part of the input."
         )
-    if reasoning > output_tokens:
+    if reasoned > output_tokens:
         raise UsageError(
-            f"Usage field `{reasoning_field}` is {reasoning}, more than the {output_tokens} "
+            f"Usage field `{reasoning_field}` is {reasoned}, more than the {output_tokens} "
             f"output tokens in `{output_field}`; reasoning tokens must be part of the output."
         )
-    return TokenUsage(input_tokens, output_tokens, cache_read, cache_write, reasoning)
+    return TokenUsage(input_tokens, output_tokens, read, write, reasoned)
 
 
 def _count(field: str, value: object) -> int:
