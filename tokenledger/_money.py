@@ -20,6 +20,7 @@ __all__ = [
     "QUANTUM",
     "AmountError",
     "from_driver",
+    "nonnegative_number",
     "parse_usd",
     "quantize",
     "usd_text",
@@ -77,6 +78,31 @@ def parse_usd(
     if not amount.is_finite() or amount < 0 or (positive and amount == 0) or amount > maximum:
         raise AmountError(value, "range")
     return amount
+
+
+def nonnegative_number(value: object) -> Decimal | None:
+    """``value`` (a str, int, float or Decimal) as a finite Decimal >= 0, or None when it
+    is of another type (a bool too) or no such number; the caller words the refusal.
+
+    Unlike `parse_usd` it takes a float, through its shortest repr (0.15, not the
+    binary expansion): a user's price and a provider-reported cost may be floats.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, Decimal):
+        number = value
+    elif isinstance(value, float):
+        number = Decimal(repr(value))
+    elif isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, str):
+        try:
+            number = Decimal(value.strip())
+        except InvalidOperation:
+            return None
+    else:
+        return None
+    return number if number.is_finite() and number >= 0 else None
 
 
 def quantize(amount: Decimal) -> Decimal:

@@ -29,9 +29,10 @@ import logging
 import threading
 import warnings
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Final
 
+from tokenledger._money import nonnegative_number
 from tokenledger._price_map import (
     EXACT,
     MAX_PER_MILLION,
@@ -294,21 +295,8 @@ class PriceBook:
 
 def _user_price(model: str, argument: str, value: object) -> Decimal:
     """A user's price per million tokens as an exact per-token Decimal."""
-    price: Decimal | None = None
-    if isinstance(value, bool):
-        price = None
-    elif isinstance(value, Decimal):
-        price = value
-    elif isinstance(value, float):
-        price = Decimal(repr(value))  # 0.15 -> Decimal('0.15'), not the binary expansion
-    elif isinstance(value, int):
-        price = Decimal(value)
-    elif isinstance(value, str):
-        try:
-            price = Decimal(value.strip())
-        except InvalidOperation:
-            price = None
-    if price is None or not price.is_finite() or price < 0:
+    price = nonnegative_number(value)
+    if price is None:
         raise PriceError(
             f"Price `{argument}` for model `{model}` is {value!r}; a price must be a "
             "number of USD ≥ 0."

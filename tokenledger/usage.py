@@ -37,9 +37,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any, Final
 
+from tokenledger._money import nonnegative_number
 from tokenledger.exceptions import UsageError
 from tokenledger.records import TokenUsage
 
@@ -118,13 +119,8 @@ def provider_cost(obj: object) -> Decimal | None:
         raw = raw.get("total_cost")
     if raw is None:
         return None
-    cost: Decimal | None = None
-    if isinstance(raw, (int, float, Decimal, str)) and not isinstance(raw, bool):
-        try:
-            cost = Decimal(str(raw).strip())
-        except InvalidOperation:
-            cost = None
-    if cost is None or not cost.is_finite() or cost < 0:
+    cost = nonnegative_number(raw)
+    if cost is None:
         raise UsageError(
             f"Usage field `cost` is {_show(raw)}; a provider-reported cost must be a "
             "number of USD ≥ 0."
