@@ -296,12 +296,9 @@ def _untrusted_directory(directory: Path) -> str | None:
         found = os.lstat(directory)
     except OSError as exc:
         return f"it cannot be examined ({exc.strerror or exc})"
-    if not stat.S_ISDIR(found.st_mode):
-        return "it is not a directory (a symlink?)"
-    if found.st_uid != uid:
-        return f"it is owned by uid {found.st_uid}, not by this user (uid {uid})"
-    if found.st_mode & 0o022:
-        return f"it is writable by others (mode {stat.S_IMODE(found.st_mode):04o})"
+    why = _untrusted_file(found, directory=True)
+    if why is not None:
+        return why
     for parent in directory.parents:
         try:
             above = os.stat(parent)
@@ -317,12 +314,15 @@ def _untrusted_directory(directory: Path) -> str | None:
     return None
 
 
-def _untrusted_file(found: os.stat_result) -> str | None:
-    """Why a spool file with this ``fstat`` must not be replayed, or None."""
+def _untrusted_file(found: os.stat_result, *, directory: bool = False) -> str | None:
+    """Why a spool file with this ``fstat`` must not be replayed (with ``directory``: why
+    the spool directory with this ``lstat`` must not be used, its parents aside), or None."""
     if _geteuid is None:  # pragma: no cover - Windows
         return None
     uid = _geteuid()
-    if not stat.S_ISREG(found.st_mode):
+    if directory and not stat.S_ISDIR(found.st_mode):
+        return "it is not a directory (a symlink?)"
+    if not directory and not stat.S_ISREG(found.st_mode):
         return "it is not a regular file"
     if found.st_uid != uid:
         return f"it is owned by uid {found.st_uid}, not by this user (uid {uid})"
