@@ -112,47 +112,36 @@ def record_from_entry(model: str, entry: Mapping[str, Any], source: str) -> Pric
     if ranges:
         # litellm prices a `tiered_pricing` model from its ranges alone (the Qwen and
         # Doubao families have no flat price): the first range is the base price.
-        base, *rest = ranges
-        input_price, output_price = base["input_per_token"], base["output_per_token"]
-        cache_read, cache_write = base["cache_read_per_token"], base["cache_write_per_token"]
-        reasoning = base["reasoning_per_token"]
-        tiers: list[dict[str, Any]] = rest
+        base, *tiers = ranges
     else:
         if input_price is None and output_price is None:
             return None
-        tiers = _threshold_tiers(
-            entry,
-            provider,
-            input_price=input_price or Decimal(0),
-            output_price=output_price or Decimal(0),
-            cache_read=cache_read,
-            cache_write=cache_write,
-            reasoning=reasoning,
-        )
+        base = {
+            "input_per_token": input_price or Decimal(0),
+            "output_per_token": output_price or Decimal(0),
+            "cache_read_per_token": cache_read,
+            "cache_write_per_token": cache_write,
+            "reasoning_per_token": reasoning,
+        }
+        tiers = _threshold_tiers(entry, provider, base)
     return make_record(
         model,
         provider,
-        input_price=input_price or Decimal(0),
-        output_price=output_price or Decimal(0),
-        cache_read=cache_read,
-        cache_write=cache_write,
-        reasoning=reasoning,
+        input_price=base["input_per_token"],
+        output_price=base["output_per_token"],
+        cache_read=base["cache_read_per_token"],
+        cache_write=base["cache_write_per_token"],
+        reasoning=base["reasoning_per_token"],
         tiers=tiers or None,
         source=source,
     )
 
 
 def _threshold_tiers(
-    entry: Mapping[str, Any],
-    provider: str | None,
-    *,
-    input_price: Decimal,
-    output_price: Decimal,
-    cache_read: Decimal | None,
-    cache_write: Decimal | None,
-    reasoning: Decimal | None,
+    entry: Mapping[str, Any], provider: str | None, base: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """Tiers from `<price>_above_<N>k_tokens` keys, each one complete.
+    """Tiers from `<price>_above_<N>k_tokens` keys, each one complete, above the flat
+    prices in ``base`` (keyed as a tier is).
 
     As in litellm, a tier that does not name a price keeps the one below it; a cache
     price still None means the tier's input price, and reasoning keeps its own price.
@@ -167,13 +156,7 @@ def _threshold_tiers(
         by_threshold.setdefault(threshold, {})[_TIER_FIELD[match[1]]] = price
     # Above N means more than N tokens, except where litellm bills from N itself.
     offset = 1 if provider in _INCLUSIVE_THRESHOLD_PROVIDERS else 0
-    current: dict[str, Any] = {
-        "input_per_token": input_price,
-        "output_per_token": output_price,
-        "cache_read_per_token": cache_read,
-        "cache_write_per_token": cache_write,
-        "reasoning_per_token": reasoning,
-    }
+    current = base
     tiers = []
     for threshold in sorted(by_threshold):
         current = {**current, **by_threshold[threshold]}
