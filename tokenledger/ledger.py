@@ -71,7 +71,9 @@ class Ledger:
         budget_timeout: the longest a call waits for the database on a budget
             operation, in seconds; a database that has not answered by then (hung, or
             locked by another process) is treated as unreachable and
-            ``budget_failure_policy`` decides.
+            ``budget_failure_policy`` decides. Default: 2 s on PostgreSQL; 30 s on
+            SQLite (its busy timeout), where processes sharing one file queue for its
+            write lock and a shorter wait would refuse calls under load.
         startup_timeout: the longest ``Ledger(...)`` waits for the database to check
             its schema. An unreachable (or hung) database does not stop the program:
             the ledger starts degraded, keeps and spools its rows, applies
@@ -95,7 +97,7 @@ class Ledger:
         durability: str = "batched",
         max_buffer_rows: int = 100_000,
         spool_dir: str | os.PathLike[str] | None = None,
-        budget_timeout: float = 2.0,
+        budget_timeout: float | None = None,
         startup_timeout: float = 5.0,
     ) -> None:
         from tokenledger import _storage as storage
@@ -109,6 +111,9 @@ class Ledger:
             )
         self.capture = capture
         self.record_calls_outside_runs = record_calls_outside_runs
+        self._engine: sqlalchemy.Engine = storage.create_engine_for(url)
+        if budget_timeout is None:
+            budget_timeout = 2.0 if self._engine.dialect.name == "postgresql" else 30.0
         for name, value in (
             ("budget_timeout", budget_timeout),
             ("startup_timeout", startup_timeout),
@@ -122,7 +127,6 @@ class Ledger:
                     f"`{name}` is {shown(value)}; it must be a number of seconds greater than "
                     "0 and at most 600."
                 )
-        self._engine: sqlalchemy.Engine = storage.create_engine_for(url)
         #: False while the database has not answered since start-up (see `startup_timeout`).
         self.connected = check_schema(self._engine, float(startup_timeout))
         writer = BatchWriter(
