@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the benchmark harness
+
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = (
     "1. Capture overhead per model call",

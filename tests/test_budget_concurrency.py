@@ -31,6 +31,8 @@ from tokenledger import BudgetExceeded, Ledger
 from tokenledger.records import utcnow
 from tokenledger.testing import mock_response
 
+pytestmark = pytest.mark.slow  # multi-process budget tests
+
 PROCESSES = 8
 THREADS = 4
 CALLS_PER_THREAD = 8

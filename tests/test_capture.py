@@ -353,6 +353,7 @@ def test_an_exception_before_the_request_sends_nothing(
     assert "budget_exceeded" == run.status
 
 
+@pytest.mark.slow
 def test_a_thousand_calls_across_fifty_runs_land_exactly_once(ledger: Ledger) -> None:
     run_ids = []
     for r in range(50):
@@ -384,6 +385,7 @@ def test_importing_tokenledger_does_not_import_litellm() -> None:
     assert "False False" == out
 
 
+@pytest.mark.slow
 def test_capture_switches_on_when_litellm_is_imported_after_the_ledger(tmp_path: Any) -> None:
     code = (
         "import tokenledger as tl\n"

@@ -222,6 +222,7 @@ def assert_consistent(usage: TokenUsage) -> None:
     assert usage.reasoning_tokens <= usage.output_tokens
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(raw=any_usage)
 def test_any_usage_whatever_its_shape_is_read_consistently_or_refused_with_a_usage_error(

@@ -15,6 +15,7 @@ from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from budget_calls import kill_once_holding
 from helpers import rows
 
@@ -97,6 +98,7 @@ def test_near_its_limit_a_budget_is_reserved_call_by_call(db_url: str) -> None:
     assert [ESTIMATE] * 10 == [r["amount_usd"] for r in held]
 
 
+@pytest.mark.slow
 def test_threads_of_two_leasing_processes_fill_a_budget_and_never_pass_it(db_url: str) -> None:
     """Two stores (as two processes would have) of eight threads each run a budget of
     400.5 calls dry: exactly 400 calls get through, and nothing stays reserved."""
@@ -151,6 +153,7 @@ def lease_holder(db_url: str, holding: Any) -> None:
     time.sleep(3600)
 
 
+@pytest.mark.slow
 def test_the_lease_of_a_killed_process_is_reclaimed_once_it_expires(db_url: str) -> None:
     with Ledger(db_url, capture=False, budget_lease_seconds=LEASE_SECONDS) as ledger:
         ledger.set_budget(f"tenant:{TENANT}", usd="1000", per="day")

@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 SCRIPT = """
 import json, os, sys
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
@@ -91,10 +93,12 @@ def _check(points: dict[str, dict[str, float]], calls: int) -> None:
     assert {"tokenledger"} == {p["scope"] for p in points.values()}
 
 
+@pytest.mark.slow
 def test_metrics_reach_a_meter_provider_set_before_the_ledger(tmp_path: Path) -> None:
     _check(_read_metrics(tmp_path, "before"), calls=2)
 
 
+@pytest.mark.slow
 def test_metrics_reach_a_meter_provider_set_after_the_ledger(tmp_path: Path) -> None:
     # The first call happened with no SDK: skipped cheaply. The second one counts.
     _check(_read_metrics(tmp_path, "late"), calls=1)

@@ -54,6 +54,7 @@ def _set_outcome_elsewhere(url: str, run_id: str) -> None:
         other.set_outcome(run_id, "ticket_closed", value="12")
 
 
+@pytest.mark.slow
 def test_an_outcome_set_later_from_another_process_survives_a_rewrite(
     ledger: Ledger, db_url: str
 ) -> None:

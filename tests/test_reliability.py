@@ -41,6 +41,8 @@ from tokenledger._spool import Spool, decode_line, encode_row, ledger_key, spool
 from tokenledger._writer import BatchWriter
 from tokenledger.records import CallRecord, PriceRecord, RunRecord, new_id, utcnow
 
+pytestmark = pytest.mark.slow  # outages, killed processes and many writers
+
 OUTAGE_SECONDS = float(os.environ.get("TOKENLEDGER_TEST_OUTAGE_SECONDS", "30"))
 WRITER_OPTIONS = ("durability", "max_buffer_rows", "spool_dir", "max_batch")
 

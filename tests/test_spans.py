@@ -110,6 +110,7 @@ def test_a_failed_call_span_carries_error_type(
     assert StatusCode.ERROR == run_span.status.status_code
 
 
+@pytest.mark.slow
 def test_without_an_sdk_everything_still_lands_in_sql(tmp_path: Any) -> None:
     """No SDK configured: spans are no-ops, rows carry no trace ids, nothing is lost."""
     code = (

@@ -66,6 +66,7 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
 # -- 1. the demo writes its own ledger ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_demo_leaves_the_configured_ledger_and_its_budgets_alone(tmp_path: Path) -> None:
     """`tokenledger demo` with $TOKENLEDGER_DATABASE_URL naming a real ledger that has a
     `tenant:acme` budget (the demo's tenants include acme): that ledger is untouched."""

@@ -117,6 +117,7 @@ def test_a_row_the_database_refuses_for_its_size_is_set_aside_not_retried_foreve
         assert 0 == writer.stats.rejected
 
 
+@pytest.mark.slow
 def test_a_calls_latency_is_the_providers_not_the_reservations(tmp_path: Path) -> None:
     """The first budgeted call of a process imports litellm's tokenizer to count its
     input (seconds); that wait is tokenledger's, and must not be recorded as the

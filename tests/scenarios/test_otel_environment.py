@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a fresh Python process per case
+
 
 class _Collector(http.server.BaseHTTPRequestHandler):
     received: list[tuple[str, bytes]]

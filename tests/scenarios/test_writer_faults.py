@@ -33,6 +33,8 @@ from tokenledger import _storage as storage
 from tokenledger._writer import BatchWriter
 from tokenledger.records import CallRecord, new_id, utcnow
 
+pytestmark = pytest.mark.slow  # real faults: stalls, SIGKILL, full disks
+
 __all__ = ["pg_proxy"]  # a fixture, imported to be used
 
 
