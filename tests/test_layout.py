@@ -95,3 +95,19 @@ def test_internals_names_every_module_of_the_package() -> None:
         and path.name not in INTERNALS
     )
     assert [] == missing
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    """docs/*.md prove each guarantee by naming its test; a renamed or deleted test
+    must not leave a guarantee pointing at nothing."""
+    defined = {
+        match.group(1)
+        for path in (ROOT / "tests").rglob("test_*.py")
+        for match in re.finditer(r"^(?:async )?def (test_\w+)\(", path.read_text(), re.M)
+    }
+    named = {
+        match.group(1)
+        for path in (ROOT / "docs").glob("*.md")
+        for match in re.finditer(r"::(test_\w+)", path.read_text())
+    }
+    assert set() == named - defined

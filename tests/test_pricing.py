@@ -5,7 +5,7 @@ works the first two by hand): gpt-4o-mini is $0.15 / $0.60 per million input / o
 tokens, cache reads $0.075; claude-sonnet-4-5 is $3 / $15, cache writes $3.75, cache reads $0.30.
 """
 
-# Expected value first, as STYLE.md asks; ruff's SIM300 wants the opposite.
+# Expected value first, on purpose; ruff's SIM300 wants the opposite.
 from __future__ import annotations
 
 import os

@@ -5,7 +5,7 @@ transformations, a real ``completion(mock_response=...)``), so a litellm upgrade
 changes what it reports fails here first.
 """
 
-# Expected value first, as STYLE.md asks; ruff's SIM300 wants the opposite.
+# Expected value first, on purpose; ruff's SIM300 wants the opposite.
 from __future__ import annotations
 
 import os

@@ -9,7 +9,7 @@ front of the test server. Cutting it resets every connection through it and refu
 ones, as a stopped server does; restoring it listens on the same port again. Set
 ``TOKENLEDGER_TEST_OUTAGE_SECONDS`` to change the outage's length (default 30 s).
 """
-# Expected value first, as STYLE.md asks.
+# Expected value first, on purpose (the suite's convention).
 
 from __future__ import annotations
 

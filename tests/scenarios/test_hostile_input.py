@@ -6,7 +6,7 @@ text in the ledger, its spool or its spans; no database password in a log line, 
 error, a span or the CLI's output; ledger and spool files readable by their owner only.
 Storage tests run on SQLite and PostgreSQL (conftest's ``db_url``).
 """
-# Expected value first, as STYLE.md asks.
+# Expected value first, on purpose (the suite's convention).
 
 from __future__ import annotations
 
