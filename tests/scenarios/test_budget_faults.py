@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faults import PgProxy, pg_proxy
 
 from tokenledger import BudgetExceeded, Ledger, LedgerError
+
+__all__ = ["pg_proxy"]  # a fixture, imported to be used
 
 MESSAGES = [{"role": "user", "content": "2+2?"}]
 
@@ -183,3 +186,69 @@ def test_spent_stays_exact_for_calls_whose_usage_is_read(db_url: str) -> None:
         [status] = ledger.budgets()
         assert Decimal(0) < status.spent_usd < Decimal("0.001")
         assert 0 == status.reserved_usd
+
+
+# -- PostgreSQL behind a proxy that stalls, refuses or resets -------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["stall", "refuse", "reset"])
+def test_a_budgeted_call_on_a_failing_postgresql_is_refused_within_the_timeout(
+    postgres_url: str, pg_proxy: PgProxy, fault: str
+) -> None:
+    """A hung server (accepts, never answers) is handled exactly like a refused or
+    reset one: the budgeted call is refused (fail closed) within budget_timeout."""
+    url = pg_proxy.url(postgres_url)
+    with Ledger(url, budget_timeout=1.0) as ledger:
+        ledger.set_budget("global", usd="5.00")
+        with ledger.run("warm-up"):
+            _timed_call(max_tokens=50)
+        getattr(pg_proxy, fault)()
+        try:
+            started = time.monotonic()
+            with pytest.raises(LedgerError, match="budgets fail closed"), ledger.run("agent"):
+                _timed_call(max_tokens=50)
+            waited = time.monotonic() - started
+        finally:
+            pg_proxy.pass_through()
+    assert waited < 1.0 + 1.5, f"the refusal took {waited:.2f} s (budget_timeout is 1 s)"
+
+
+@pytest.mark.slow
+def test_a_call_no_budget_applies_to_never_waits_on_a_stalled_postgresql(
+    postgres_url: str, pg_proxy: PgProxy
+) -> None:
+    url = pg_proxy.url(postgres_url)
+    with Ledger(url) as ledger:
+        with ledger.run("warm-up"):
+            _timed_call()
+        ledger.recorder.budgets.store.cache_ttl = 0.0  # stale at every call: the worst case
+        pg_proxy.stall()
+        try:
+            with ledger.run("agent"):
+                slowest = max(_timed_call() for _ in range(20))
+        finally:
+            pg_proxy.pass_through()
+    assert slowest < 2.0, f"a call waited {slowest:.2f} s on a stalled server with no budget"
+
+
+@pytest.mark.slow
+def test_a_ledger_starts_within_its_startup_timeout_on_a_stalled_postgresql(
+    postgres_url: str, pg_proxy: PgProxy, tmp_path: Path
+) -> None:
+    url = pg_proxy.url(postgres_url)
+    pg_proxy.stall()
+    started = time.monotonic()
+    ledger = Ledger(url, startup_timeout=1.0, spool_dir=tmp_path / "spool")
+    try:
+        took = time.monotonic() - started
+        assert ledger.connected is False
+        assert took < 1.0 + 1.5
+        pg_proxy.pass_through()
+        deadline = time.monotonic() + 30
+        while not ledger.connected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ledger.connected  # the background check found the server once it answered
+    finally:
+        pg_proxy.pass_through()
+        ledger.close(timeout=5)
