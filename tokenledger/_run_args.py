@@ -23,6 +23,7 @@ __all__ = [
     "parse_usd_amount",
     "reported_cost",
     "shown",
+    "unstorable",
     "validate_tags",
 ]
 
@@ -93,7 +94,7 @@ def check_run_budget(budget: object, *, where: str) -> None:
         )
 
 
-def _unstorable(text: str) -> bool:
+def unstorable(text: str) -> bool:
     if "\x00" in text:
         return True
     try:
@@ -123,7 +124,7 @@ def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str,
                 f"Tag `{key}` of {where} is {value!r}; a tag value must be a string or number."
             )
         text = str(value)
-        if _unstorable(key) or _unstorable(text):
+        if unstorable(key) or unstorable(text):
             raise ConfigurationError(
                 f"Tag `{key}` of {where} holds a NUL character or a lone surrogate, which "
                 "no ledger database can store; remove it."

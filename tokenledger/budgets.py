@@ -41,6 +41,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from tokenledger._money import MAX_USD, AmountError, parse_usd
+from tokenledger._run_args import shown, unstorable
 from tokenledger.exceptions import ConfigurationError
 
 __all__ = [
@@ -120,15 +121,21 @@ def parse_scope(scope: Any) -> str:
     ``TAGKEY:VALUE``."""
     if not isinstance(scope, str) or not scope.strip():
         raise ConfigurationError(
-            f"Budget scope {scope!r} is invalid; use `global`, `agent:NAME`, `user:ID`, "
+            f"Budget scope {shown(scope)} is invalid; use `global`, `agent:NAME`, `user:ID`, "
             "`tenant:ID` or `TAGKEY:VALUE`."
         )
     if scope == "global":
         return scope
+    if unstorable(scope):
+        raise ConfigurationError(
+            f"Budget scope {shown(scope)} holds a NUL character or a lone surrogate, which "
+            "no ledger database can store; remove it."
+        )
     key, sep, value = scope.partition(":")
     if not sep or not key.strip() or not value.strip() or len(scope) > MAX_SCOPE_LENGTH:
+        label = f"`{scope}`" if len(scope) <= 80 else shown(scope)  # never echo a megabyte
         raise ConfigurationError(
-            f"Budget scope `{scope}` is invalid; use `global`, `agent:NAME`, `user:ID`, "
+            f"Budget scope {label} is invalid; use `global`, `agent:NAME`, `user:ID`, "
             f"`tenant:ID` or `TAGKEY:VALUE` (at most {MAX_SCOPE_LENGTH} characters)."
         )
     return scope

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import calls_of
 
-from tokenledger import Ledger, UsageError
+from tokenledger import ConfigurationError, Ledger, UsageError
 from tokenledger._recorder import MAX_TEXT_LENGTH
 from tokenledger.records import new_call
 
@@ -144,3 +144,23 @@ def test_a_calls_latency_is_the_providers_not_the_reservations(tmp_path: Path) -
     assert "True" == imported
     assert reserving > 0.3  # the tokenizer's import was paid during the reservation
     assert latency_ms < 100.0
+
+
+@pytest.mark.parametrize(
+    ("scope", "message"),
+    [
+        ("user:\x00a", "holds a NUL character or a lone surrogate"),
+        ("user:\ud800", "holds a NUL character or a lone surrogate"),
+        ("user:" + "x" * 1_000_000, "is invalid"),
+    ],
+    ids=["nul", "lone-surrogate", "a-megabyte"],
+)
+def test_a_budget_scope_no_database_can_store_is_refused_by_name(
+    ledger: Ledger, scope: str, message: str
+) -> None:
+    """Before: a raw UnicodeEncodeError or psycopg.DataError (with SQL text), or a NUL
+    accepted on SQLite; a megabyte scope echoed whole."""
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        ledger.set_budget(scope, usd="5")
+    assert len(str(raised.value)) < 400
+    assert [] == ledger.budgets()
