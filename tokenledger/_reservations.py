@@ -49,6 +49,7 @@ from tokenledger._budget_sql import (
     sqlite_setup,
 )
 from tokenledger._leases import Leases
+from tokenledger._workers import DaemonWorkers
 from tokenledger.budgets import WINDOWS, BudgetDef, BudgetStatus, window_bounds
 from tokenledger.exceptions import LedgerError
 from tokenledger.records import new_id, utcnow
@@ -124,9 +125,7 @@ class BudgetStore:
         self.io_timeout = io_timeout
         # Budget I/O runs on these threads, so the caller can stop waiting at
         # `io_timeout` while a hung connection stays stuck on a worker, not on the call.
-        self._io = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="tokenledger-budget-io"
-        )
+        self._io = DaemonWorkers(4, "tokenledger-budget-io")
         self._refreshing = False
         self._refresh_lock = threading.Lock()
 
@@ -599,7 +598,7 @@ class BudgetStore:
         """Give back this process's leases and close the connections."""
         self.leases.close()
         # Stuck workers (a hung database) are left to their connections' fate.
-        self._io.shutdown(wait=False, cancel_futures=True)
+        self._io.shutdown()
         if self.engine is not None:
             self.engine.dispose()
 

@@ -11,7 +11,10 @@ usage was settled at $0.
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -252,3 +255,52 @@ def test_a_ledger_starts_within_its_startup_timeout_on_a_stalled_postgresql(
     finally:
         pg_proxy.pass_through()
         ledger.close(timeout=5)
+
+
+@pytest.mark.slow
+def test_a_program_exits_promptly_while_its_budget_io_hangs(
+    postgres_url: str, pg_proxy: PgProxy
+) -> None:
+    """A worker thread stuck on a stalled server must not keep the program from ending
+    (a thread pool joins its threads at exit; ours are daemon threads)."""
+    url = pg_proxy.url(postgres_url)
+    with Ledger(url) as ledger:
+        ledger.set_budget("global", usd="5.00")
+    code = (
+        "import litellm, tokenledger as tl\n"
+        f"ledger = tl.Ledger({url!r}, budget_timeout=0.5, flush_interval=0.2)\n"
+        "with ledger.run('warm-up'):\n"
+        "    litellm.completion(model='gpt-4o-mini', messages=[{'role': 'user', 'content': "
+        "'x'}], mock_response='y', max_tokens=5)\n"
+        "print('ready', flush=True)\n"
+        "input()\n"
+        "try:\n"
+        "    with ledger.run('agent'):\n"
+        "        litellm.completion(model='gpt-4o-mini', messages=[{'role': 'user', "
+        "'content': 'x'}], mock_response='y', max_tokens=5)\n"
+        "except tl.LedgerError:\n"
+        "    print('refused', flush=True)\n"
+    )
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        assert "ready" == child.stdout.readline().strip()
+        pg_proxy.stall()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert "refused" == child.stdout.readline().strip()
+        # Its exit waits for the writer's close (bounded) but never for the stuck worker.
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+        pg_proxy.pass_through()
+    assert 0 == child.returncode
