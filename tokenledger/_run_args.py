@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 
 from tokenledger._money import MAX_USD, AmountError, parse_usd
+from tokenledger._text import shown, unstorable
 from tokenledger.exceptions import ConfigurationError, UsageError
 
 __all__ = [
@@ -61,13 +62,6 @@ def parse_usd_amount(value: object, *, what: str) -> Decimal | None:
         ) from None
 
 
-def shown(value: object, limit: int = 80) -> str:
-    """``repr(value)``, cut to ``limit`` characters: a megabyte-long argument must not be
-    echoed whole in an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
-
-
 def check_run_name(name: object) -> None:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
         raise ConfigurationError(
@@ -92,16 +86,6 @@ def check_run_budget(budget: object, *, where: str) -> None:
             "(per='run'). For a window shared across runs use "
             f"ledger.set_budget('agent:NAME', usd=..., per={budget.per!r})."
         )
-
-
-def unstorable(text: str) -> bool:
-    if "\x00" in text:
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def validate_tags(tags: Mapping[str, object] | None, *, where: str) -> dict[str, str]:

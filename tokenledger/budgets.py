@@ -41,7 +41,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 from tokenledger._money import MAX_USD, AmountError, parse_usd
-from tokenledger._run_args import shown, unstorable
+from tokenledger._text import shown, unstorable
 from tokenledger.exceptions import ConfigurationError
 
 __all__ = [

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from tokenledger import capture as _capture
 from tokenledger._recorder import Recorder
 from tokenledger._run_args import latency_ms as checked_latency
-from tokenledger._run_args import reported_cost, shown
+from tokenledger._run_args import reported_cost
 from tokenledger._spans import Telemetry
 from tokenledger._startup import check_schema, connect_in_background
+from tokenledger._text import shown
 from tokenledger.exceptions import (
     ConfigurationError,
     LedgerError,

@@ -26,9 +26,9 @@ from tokenledger._run_args import (
     check_run_name,
     parse_outcome,
     parse_usd_amount,
-    shown,
     validate_tags,
 )
+from tokenledger._text import shown
 from tokenledger.exceptions import BudgetExceeded, ConfigurationError
 from tokenledger.records import CallRecord, RunRecord, new_call, new_id, utcnow
 
