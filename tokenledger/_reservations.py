@@ -128,6 +128,7 @@ class BudgetStore:
         self._io = DaemonWorkers(4, "tokenledger-budget-io")
         self._refreshing = False
         self._refresh_lock = threading.Lock()
+        self._unread_since = -float("inf")  # when reading the budgets first failed
 
     @property
     def holder(self) -> str:
@@ -159,7 +160,19 @@ class BudgetStore:
             if now - self._cache_at >= self.cache_ttl:
                 self._refresh_in_background()
             return cached
-        return self.bounded(self._read_definitions, fresh)
+        if not fresh and now - self._unread_since < self.cache_ttl:
+            # Never read, and the last try failed moments ago: say so at once rather
+            # than make every call wait `io_timeout` again; a worker keeps trying.
+            self._refresh_in_background()
+            raise BudgetStoreStalled(
+                f"the budgets of the ledger at {storage.redact_url(self.engine.url)} could "
+                "not be read yet"
+            )
+        try:
+            return self.bounded(self._read_definitions, fresh)
+        except LedgerError:
+            self._unread_since = time.monotonic()
+            raise
 
     def _refresh_in_background(self) -> None:
         # Its own lock: `_cache_lock` is held across the read itself, which may hang.

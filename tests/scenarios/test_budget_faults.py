@@ -304,3 +304,30 @@ def test_a_program_exits_promptly_while_its_budget_io_hangs(
             child.kill()
         pg_proxy.pass_through()
     assert 0 == child.returncode
+
+
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+def test_until_its_budgets_are_read_every_call_follows_the_failure_policy(
+    tmp_path: Path, policy: str
+) -> None:
+    """A ledger started while its PostgreSQL is unreachable cannot know which budgets
+    exist: each call is treated as budgeted, without waiting on the database again."""
+    with Ledger(
+        "postgresql+psycopg://postgres@127.0.0.1:1/test",
+        startup_timeout=1.0,
+        budget_failure_policy=policy,
+        spool_dir=tmp_path / "spool",
+    ) as ledger:
+        assert ledger.connected is False
+        for attempt in range(3):
+            started = time.monotonic()
+            if policy == "fail_closed":
+                with pytest.raises(LedgerError, match="fail closed"), ledger.run("agent"):
+                    _timed_call()
+            else:
+                with ledger.run("agent"):
+                    _timed_call()
+            if attempt:  # the first also pays litellm's first-call set-up
+                assert time.monotonic() - started < 1.0
+        if policy == "fail_open":
+            assert 3 == ledger.recorder.budgets.unreserved_calls
