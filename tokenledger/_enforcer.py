@@ -241,8 +241,9 @@ class BudgetEnforcer:
                     f"{self.ledger.url} ({exc}); the call was not sent because budgets "
                     "fail closed."
                 ) from exc
+            # fail_open: the shared budgets are unknown, but run budgets need no database.
             self._count_unreserved(pending.call.requested_model or "?", exc)
-            return
+            shared, run_budgets = [], runs_with_budgets(pending.run)
         if not shared and not run_budgets:
             return
         requested = pending.call.requested_model or ""

@@ -108,8 +108,14 @@ def _unreachable(engine: sqlalchemy.Engine, error: BaseException) -> bool:
     if engine.dialect.name != "postgresql":
         return False
     cause = getattr(error.__cause__, "orig", None)
-    if getattr(cause, "sqlstate", None) is not None:
+    sqlstate = getattr(cause, "sqlstate", None)
+    if isinstance(sqlstate, str) and (sqlstate[:2] in ("08", "53") or sqlstate.startswith("57P")):
+        return True  # a connection failure, no resources, or a server starting or stopping
+    if sqlstate is not None:
         return False
+    text = str(cause)
+    if any(s in text for s in ("starting up", "shutting down", "recovery mode", "too many")):
+        return True  # a restart or failover in progress: it will answer soon
     # An error the server sent while the connection was being set up (no such
     # database, a wrong password) comes as libpq's text with the server's "FATAL:".
     return "FATAL:" not in str(cause)
