@@ -399,8 +399,12 @@ class BudgetStore:
             # The caller stopped waiting: whatever this reserved is held by nobody.
             if not future.cancelled() and future.exception() is None and future.result() is None:
                 lines = [WindowKey(d.id, s) for d, s in [*enforce, *track]]
+                held, none = Amount(usd, tokens), Amount(Decimal(0), 0)
+                # Already on a budget I/O thread: release here, not through `bounded`,
+                # which would wait on this same pool (stuck, if the database hangs).
                 with contextlib.suppress(Exception):
-                    self.settle(reservation_id, lines, usd, tokens, Decimal(0), 0)
+                    if lines and not self.leases.settle(reservation_id, held, none):
+                        self._settle_exactly(reservation_id, lines, held, none)
 
         return self.bounded(self._reserve_with_retries, call, reclaim, on_late=late)
 
