@@ -11,6 +11,7 @@ import http.server
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,6 +58,7 @@ def _run(code: str, env: dict[str, str]) -> str:
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tempfile.gettempdir(),  # the installed package, not the source tree's layout
         env={**clean, **env, "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
         check=False,
     )
